@@ -1,0 +1,365 @@
+"""The AsynDGAN algorithm as plain code: one site step, one generator step. No gRPC here.
+
+Site j (a hospital) keeps its real images. Per step it receives G's synthetic images for its label maps,
+updates its own discriminator(s) on real vs synthetic, then returns only d(loss_G_j)/d(fakes), where
+loss_G_j = lambda_G * (GAN(D_j(cond, fake)) + lambda_L1 * L1(fake, real)) uses the *updated* D_j.
+The generator backpropagates sum_j w_j * grad_j (w_j = n_j / sum n over the sites that answered) through
+the graph it kept and steps. Both the in-process trainer and the gRPC services call these classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from asyndgan.data import SiteData
+from asyndgan.nets import NetConfig, build_discriminator, build_generator, gan_loss, one_hot
+
+__all__ = [
+    "Batch",
+    "BatchSampler",
+    "GeneratorTrainer",
+    "LossTerm",
+    "SiteStepError",
+    "SiteTrainer",
+    "StepOutcome",
+    "TrainConfig",
+    "site_seed",
+]
+
+
+class SiteStepError(ValueError):
+    """The generator's message does not fit this site (shape, modality, non-finite values)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters (pix2pix / AsynDGAN defaults)."""
+
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_l1: float = 100.0
+    lambda_g: float = 1.0
+    lambda_d: float = 0.5
+    flip: bool = True
+    max_shift: int = 2
+
+    def validate(self) -> None:
+        for name in ("lr_g", "lr_d", "lambda_g", "lambda_d"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.lambda_l1 < 0 or self.max_shift < 0:
+            raise ValueError("lambda_l1 and max_shift must be >= 0")
+
+
+def site_seed(seed: int, site_index: int) -> int:
+    """Seed for site ``site_index`` of a run seeded with ``seed`` (same in-process and distributed)."""
+    return (seed * 1_000_003 + 7919 * (site_index + 1)) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    network: str  # "G" or "D"
+    modality: str
+    term: str
+    value: float
+
+
+@dataclass
+class Batch:
+    """One batch drawn at a site. ``real`` never leaves the site; ``labels`` do."""
+
+    id: int
+    labels: torch.Tensor  # (B, H, W) uint8
+    real: torch.Tensor  # (B, M, H, W) float32 in [-1, 1]
+
+
+class BatchSampler:
+    """Seeded epoch-wise sampling with site-side augmentation applied to label map and image together."""
+
+    def __init__(self, data: SiteData, batch_size: int, seed: int, flip: bool = True, max_shift: int = 2):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.data = data
+        self.batch_size = batch_size
+        self.flip = flip
+        self.max_shift = max_shift
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._order = np.empty(0, dtype=np.int64)
+        self._pos = 0
+        self.next_id = 1
+
+    def _indices(self) -> np.ndarray:
+        out = []
+        need = self.batch_size
+        while need:
+            if self._pos >= len(self._order):
+                self._order = self.rng.permutation(len(self.data))
+                self._pos = 0
+            take = self._order[self._pos : self._pos + need]
+            self._pos += len(take)
+            need -= len(take)
+            out.append(take)
+        return np.concatenate(out)
+
+    def next(self) -> Batch:
+        idx = self._indices()
+        labels = self.data.labels[idx]
+        images = self.data.images[idx]
+        b = len(idx)
+        if self.flip:
+            flips = self.rng.random(b) < 0.5
+            labels = np.where(flips[:, None, None], labels[:, :, ::-1], labels)
+            images = np.where(flips[:, None, None, None], images[:, :, :, ::-1], images)
+        if self.max_shift:
+            s = self.max_shift
+            shifts = self.rng.integers(-s, s + 1, size=(b, 2))
+            lab_p = np.pad(labels, ((0, 0), (s, s), (s, s)), constant_values=0)
+            img_p = np.pad(images, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=-1.0)
+            h, w = labels.shape[1:]
+            labels = np.stack([lab_p[i, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)])
+            images = np.stack(
+                [img_p[i, :, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)]
+            )
+        batch = Batch(
+            id=self.next_id,
+            labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
+            real=torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+        )
+        self.next_id += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": json.dumps(self.rng.bit_generator.state),
+            "order": torch.from_numpy(self._order.copy()),
+            "pos": self._pos,
+            "next_id": self.next_id,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        self._order = state["order"].numpy().astype(np.int64)
+        self._pos = int(state["pos"])
+        self.next_id = int(state["next_id"])
+
+
+def _adam(params: Any, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class SiteTrainer:
+    """A hospital's discriminator(s) (one per modality it holds) and their optimizers."""
+
+    def __init__(
+        self,
+        data: SiteData,
+        net: NetConfig,
+        train: TrainConfig,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        net.validate()
+        train.validate()
+        self.data = data
+        self.net_cfg = net
+        self.cfg = train
+        self.device = torch.device(device)
+        self.num_classes = data.num_classes
+        self.modalities = tuple(data.modalities)
+        self.discriminators = nn.ModuleDict(
+            {
+                m: build_discriminator(net, data.num_classes, 1, seed + 101 * k).to(self.device)
+                for k, m in enumerate(self.modalities)
+            }
+        )
+        self.optimizers = {m: _adam(d.parameters(), train.lr_d, train) for m, d in self.discriminators.items()}
+        self.sampler = BatchSampler(data, batch_size, seed, flip=train.flip, max_shift=train.max_shift)
+        self.steps = 0
+        self.last_losses: list[LossTerm] = []
+
+    def next_batch(self) -> Batch:
+        return self.sampler.next()
+
+    def check_fakes(self, batch: Batch, fakes: torch.Tensor, channels: Sequence[str]) -> None:
+        """Raise SiteStepError unless ``fakes`` fits ``batch`` and names every modality this site holds."""
+        b, h, w = batch.labels.shape
+        if fakes.dim() != 4 or fakes.shape[0] != b or tuple(fakes.shape[2:]) != (h, w):
+            raise SiteStepError(f"fakes have shape {tuple(fakes.shape)}, expected ({b}, C, {h}, {w})")
+        if fakes.shape[1] != len(channels):
+            raise SiteStepError(f"fakes have {fakes.shape[1]} channels but {len(channels)} modality names")
+        if len(set(channels)) != len(channels):
+            raise SiteStepError("duplicate modality names")
+        missing = [m for m in self.modalities if m not in channels]
+        if missing:
+            raise SiteStepError(f"generator does not produce modalities this site holds: {missing}")
+        if not bool(torch.isfinite(fakes).all()):
+            raise SiteStepError("fakes contain NaN or Inf")
+
+    def step(self, batch: Batch, fakes: torch.Tensor, channels: Sequence[str]) -> torch.Tensor:
+        """D update(s) on (real, fake), then d(G loss)/d(fakes) with the updated D(s); zeros elsewhere."""
+        self.check_fakes(batch, fakes, channels)
+        cfg = self.cfg
+        mode = self.net_cfg.gan_mode
+        cond = one_hot(batch.labels.to(self.device), self.num_classes)
+        real = batch.real.to(self.device)
+        fake = fakes.detach().to(self.device, torch.float32).requires_grad_(True)
+        losses: list[LossTerm] = []
+        pairs = [(m, channels.index(m), k) for k, m in enumerate(self.modalities)]
+        for m, c, k in pairs:
+            d, opt = self.discriminators[m], self.optimizers[m]
+            opt.zero_grad(set_to_none=True)
+            loss_real = gan_loss(d(torch.cat([cond, real[:, k : k + 1]], 1)), True, mode)
+            loss_fake = gan_loss(d(torch.cat([cond, fake[:, c : c + 1].detach()], 1)), False, mode)
+            loss_d = cfg.lambda_d * (loss_real + loss_fake)
+            loss_d.backward()
+            opt.step()
+            losses += [
+                LossTerm("D", m, "real", loss_real.item()),
+                LossTerm("D", m, "fake", loss_fake.item()),
+            ]
+        total = fake.new_zeros(())
+        for m, c, k in pairs:
+            fake_m = fake[:, c : c + 1]
+            loss_gan = gan_loss(self.discriminators[m](torch.cat([cond, fake_m], 1)), True, mode)
+            loss_l1 = F.l1_loss(fake_m, real[:, k : k + 1])
+            total = total + cfg.lambda_g * (loss_gan + cfg.lambda_l1 * loss_l1)
+            losses += [LossTerm("G", m, "gan", loss_gan.item()), LossTerm("G", m, "l1", loss_l1.item())]
+        (grad,) = torch.autograd.grad(total, fake)
+        losses.append(LossTerm("G", "", "total", total.item()))
+        self.steps += 1
+        self.last_losses = losses
+        return grad.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "discriminators": self.discriminators.state_dict(),
+            "optimizers": {m: o.state_dict() for m, o in self.optimizers.items()},
+            "sampler": self.sampler.state_dict(),
+            "steps": self.steps,
+            "modalities": list(self.modalities),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["modalities"]) != list(self.modalities):
+            raise ValueError(f"checkpoint holds modalities {state['modalities']}, site has {self.modalities}")
+        self.discriminators.load_state_dict(state["discriminators"])
+        for m, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][m])
+        self.sampler.load_state_dict(state["sampler"])
+        self.steps = int(state["steps"])
+
+
+@dataclass
+class StepOutcome:
+    """What one generator step did: which sites counted, with which weights, and G's weighted loss."""
+
+    step: int
+    answered: list[bool]
+    weights: list[float]
+    generator_loss: float = math.nan
+    losses: list[list[LossTerm] | None] = field(default_factory=list)
+
+
+# exchange(fakes per site) -> per site: (gradient, losses) or None if the site did not answer in time.
+Exchange = Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, list[LossTerm]] | None]]
+
+
+class GeneratorTrainer:
+    """The central generator G and its optimizer; one call to :meth:`step` is one AsynDGAN G step."""
+
+    def __init__(
+        self,
+        net: NetConfig,
+        train: TrainConfig,
+        *,
+        num_classes: int,
+        modalities: Sequence[str],
+        seed: int,
+        image_size: int = 64,
+        device: torch.device | str = "cpu",
+        max_grad_norm: float = math.inf,
+    ) -> None:
+        net.validate()
+        train.validate()
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.modalities = tuple(modalities)
+        self.G = build_generator(net, num_classes, len(self.modalities), seed, image_size).to(self.device)
+        self.opt = _adam(self.G.parameters(), train.lr_g, train)
+        self.max_grad_norm = max_grad_norm
+        self.steps = 0
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """G(one_hot(labels)); the autograd graph is kept for :meth:`step`."""
+        return self.G(one_hot(labels.to(self.device), self.num_classes))
+
+    @torch.no_grad()
+    def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.forward(labels).cpu()
+
+    def grad_ok(self, grad: torch.Tensor, like: torch.Tensor) -> bool:
+        """A site's gradient is usable: right shape, finite, norm within ``max_grad_norm``."""
+        if grad.shape != like.shape or not bool(torch.isfinite(grad).all()):
+            return False
+        return float(torch.linalg.vector_norm(grad)) <= self.max_grad_norm
+
+    def step(self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange) -> StepOutcome:
+        """Forward all sites' label maps at once, exchange fakes for gradients, aggregate, step.
+
+        ``sizes`` are the sites' sample counts n_j. Aggregation runs in site order, never arrival order.
+        """
+        counts = [int(t.shape[0]) for t in labels]
+        fakes = self.forward(torch.cat(list(labels)))
+        parts = [p.detach().cpu() for p in fakes.split(counts)]
+        replies = exchange(parts)
+        answered = [r is not None and self.grad_ok(r[0], p) for r, p in zip(replies, parts, strict=True)]
+        total = sum(n for n, ok in zip(sizes, answered, strict=True) if ok)
+        weights = [n / total if ok else 0.0 for n, ok in zip(sizes, answered, strict=True)]
+        outcome = StepOutcome(self.steps, answered, weights, losses=[r[1] if r else None for r in replies])
+        if total == 0:
+            return outcome
+        grads = [
+            r[0].to(self.device, torch.float32) * w if ok and r else torch.zeros_like(p, device=self.device)
+            for r, p, w, ok in zip(replies, parts, weights, answered, strict=True)
+        ]
+        self.opt.zero_grad(set_to_none=True)
+        fakes.backward(torch.cat(grads))
+        self.opt.step()
+        self.steps += 1
+        outcome.generator_loss = sum(
+            w * next(t.value for t in r[1] if t.network == "G" and t.term == "total")
+            for r, w, ok in zip(replies, weights, answered, strict=True)
+            if ok and r
+        )
+        return outcome
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "G": self.G.state_dict(),
+            "opt": self.opt.state_dict(),
+            "steps": self.steps,
+            "modalities": list(self.modalities),
+            "num_classes": self.num_classes,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["modalities"]) != list(self.modalities) or state["num_classes"] != self.num_classes:
+            raise ValueError("checkpoint was trained for other modalities or classes")
+        self.G.load_state_dict(state["G"])
+        self.opt.load_state_dict(state["opt"])
+        self.steps = int(state["steps"])
+        torch.set_rng_state(state["torch_rng"])

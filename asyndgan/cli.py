@@ -1,0 +1,339 @@
+"""The ``asyndgan`` command line. Each sub-command parses flags (env vars as defaults), validates, runs.
+
+Errors a user can fix end as one readable line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from asyndgan.algorithm import TrainConfig
+from asyndgan.nets import DISCRIMINATORS, GENERATORS, NetConfig
+from asyndgan.rpc import TlsConfig
+
+log = logging.getLogger("asyndgan")
+
+EMBEDDED = "embedded:icbm152"
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Default for a flag from ``ASYNDGAN_<NAME>``."""
+    return os.environ.get(f"ASYNDGAN_{name.upper().replace('-', '_')}", default)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--generator-net", default=env("generator_net", "auto"), choices=["auto", *sorted(GENERATORS)])
+    g.add_argument(
+        "--discriminator-net", default=env("discriminator_net", "patchgan_3"), choices=sorted(DISCRIMINATORS)
+    )
+    g.add_argument("--ngf", type=int, default=int(env("ngf", "32") or 32))
+    g.add_argument("--ndf", type=int, default=int(env("ndf", "32") or 32))
+    g.add_argument("--gan-mode", default=env("gan_mode", "vanilla"), choices=["vanilla", "lsgan"])
+    g.add_argument("--lambda-l1", type=float, default=100.0)
+    g.add_argument("--lr", type=float, default=2e-4)
+
+
+def net_config(a: argparse.Namespace) -> NetConfig:
+    return NetConfig(
+        generator=a.generator_net,
+        discriminator=a.discriminator_net,
+        ngf=a.ngf,
+        ndf=a.ndf,
+        gan_mode=a.gan_mode,
+    )
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(lr_g=a.lr, lr_d=a.lr, lambda_l1=a.lambda_l1)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=int(env("threads", "0") or 0), help="torch threads (0 = auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def cmd_train_local(a: argparse.Namespace) -> int:
+    from asyndgan.data import load_site
+    from asyndgan.local import LocalRun, train_local
+
+    specs = a.data or [f"{EMBEDDED}?site={j}&of={a.sites}" for j in range(a.sites)]
+    heldout_spec = a.heldout if a.heldout else (f"{EMBEDDED}?split=heldout&of={len(specs)}" if not a.data else None)
+    mods = f"&modalities={a.modalities}" if a.modalities and not a.data else ""
+    sites = [load_site(s + mods, size=a.size) for s in specs]
+    heldout = load_site(heldout_spec + mods, size=a.size) if heldout_spec else None
+    log.info(
+        "in-process training: %d sites (%s), %d iterations, batch %d, %d px",
+        len(sites),
+        ", ".join(f"{s.name}={len(s)}" for s in sites),
+        a.iterations,
+        a.batch_size,
+        a.size,
+    )
+    result = train_local(
+        sites,
+        heldout,
+        net_config(a),
+        train_config(a),
+        LocalRun(iterations=a.iterations, batch_size=a.batch_size, seed=a.seed),
+        Path(a.out),
+    )
+    s = result.summary
+    log.info(
+        "done in %.1f s (%.3f s/step); held-out L1 %.4f -> %.4f",
+        s["seconds"],
+        s["seconds_per_step"],
+        s["l1_heldout_start"],
+        s["l1_heldout"],
+    )
+    return 0
+
+
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mutual TLS (all three or none)")
+    g.add_argument("--tls-cert", default=env("tls_cert"), help="PEM certificate of this service")
+    g.add_argument("--tls-key", default=env("tls_key"), help="PEM private key")
+    g.add_argument("--tls-ca", default=env("tls_ca"), help="PEM CA that signs the peers")
+
+
+def tls_config(a: argparse.Namespace) -> TlsConfig | None:
+    given = [a.tls_cert, a.tls_key, a.tls_ca]
+    if not any(given):
+        return None
+    if not all(given):
+        raise UsageError("--tls-cert, --tls-key and --tls-ca go together")
+    for f in given:
+        if not Path(f).is_file():
+            raise UsageError(f"TLS file not found: {f}")
+    return TlsConfig(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca))
+
+
+def parse_site(value: str) -> tuple[str, str]:
+    name, sep, address = value.partition("=")
+    host, colon, port = address.rpartition(":")
+    if not sep or not name or not colon or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {value!r}")
+    return name, address
+
+
+def cmd_discriminator(a: argparse.Namespace) -> int:
+    from asyndgan.rpc import stop_event_on_signals
+    from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
+
+    cfg = DiscriminatorConfig(
+        site_id=a.site_id,
+        data=a.data,
+        listen=a.listen,
+        checkpoint_dir=Path(a.checkpoint_dir) if a.checkpoint_dir else None,
+        size=a.size,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        resume=not a.no_resume,
+        net=net_config(a),
+        train=train_config(a),
+        port_file=Path(a.port_file) if a.port_file else None,
+        tls=tls_config(a),
+        device=a.device,
+    )
+    stop = stop_event_on_signals()
+    site, server = start_discriminator(cfg)
+    stop.wait()
+    server.stop(grace=a.grace)
+    site.checkpoint()
+    log.info("stopped cleanly after %d steps", site.steps)
+    return 0
+
+
+def cmd_generator(a: argparse.Namespace) -> int:
+    from asyndgan.rpc import stop_event_on_signals
+    from asyndgan.services.generator.orchestrator import OrchestratorConfig
+    from asyndgan.services.generator.service import GeneratorConfig, GeneratorService
+
+    codec_name = a.codec or None
+    cfg = GeneratorConfig(
+        sites=tuple(a.site),
+        iterations=a.iterations,
+        checkpoint_dir=Path(a.checkpoint_dir),
+        listen=a.listen,
+        resume=a.resume,
+        checkpoint_every=a.checkpoint_every,
+        seed=a.seed,
+        net=net_config(a),
+        train=train_config(a),
+        orchestrator=OrchestratorConfig(
+            step_deadline_s=a.deadline,
+            image_codec=codec_name or OrchestratorConfig.image_codec,
+            grad_codec=codec_name or OrchestratorConfig.grad_codec,
+        ),
+        out=Path(a.out) if a.out else None,
+        heldout=a.heldout,
+        port_file=Path(a.port_file) if a.port_file else None,
+        tls=tls_config(a),
+        max_grad_norm=a.max_grad_norm,
+        device=a.device,
+    )
+    stop = stop_event_on_signals()
+    service = GeneratorService(cfg)
+    try:
+        summary = service.train(stop)
+        log.info(
+            "trained to step %d in %.1f s; wire %.2f MB sent / %.2f MB received; held-out L1 %.4f",
+            summary["iterations"],
+            summary["seconds"],
+            summary["wire_bytes_sent"] / 1e6,
+            summary["wire_bytes_received"] / 1e6,
+            summary["l1_heldout"],
+        )
+        if a.serve and not stop.is_set():
+            log.info("training done; serving Synthesize until SIGTERM")
+            stop.wait()
+    finally:
+        service.stop(grace=a.grace)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from asyndgan.demo import DemoConfig, run_demo
+
+    summary = run_demo(
+        DemoConfig(
+            sites=a.sites,
+            iterations=a.iterations,
+            size=a.size,
+            batch_size=a.batch_size,
+            out=Path(a.out),
+            seed=a.seed,
+            modalities=a.modalities,
+            missing=a.missing,
+            codec=a.codec,
+        )
+    )
+    wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
+    log.info(
+        "demo done: %d steps, %d sites, %.1f s; %.2f MB on the wire (%.2f of raw float32); "
+        "held-out L1 %.4f -> %.4f; see %s",
+        summary["iterations"],
+        len(summary["sites"]),
+        summary["seconds"],
+        wire / 1e6,
+        wire / max(summary["payload_bytes"], 1),
+        summary["l1_heldout_start"],
+        summary["l1_heldout"],
+        Path(a.out) / "samples.png",
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyndgan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-local", help="train in one process (reference trainer)")
+    p.add_argument("--sites", type=int, default=3, help="simulated hospitals on the embedded data")
+    p.add_argument("--data", action="append", help="site data spec (repeat per site); default: embedded")
+    p.add_argument("--heldout", help="held-out data spec for evaluation")
+    p.add_argument("--modalities", default="", help="embedded data modalities, e.g. t1,t2")
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--out", default="runs/local")
+    add_model_flags(p)
+    add_common(p)
+    p.set_defaults(func=cmd_train_local)
+
+    p = sub.add_parser("discriminator", help="serve one hospital's discriminator")
+    p.add_argument("--site-id", required=True, default=env("site_id"))
+    p.add_argument("--data", required=True, default=env("data"), help="site data spec (see docs/data.md)")
+    p.add_argument("--listen", default=env("listen", "127.0.0.1:50061"), help="HOST:PORT (port 0 = any)")
+    p.add_argument("--checkpoint-dir", default=env("checkpoint_dir"))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--port-file", help="write the bound port here (for port 0)")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--grace", type=float, default=10.0, help="seconds for in-flight calls at shutdown")
+    p.add_argument("--device", default=env("device", "cpu"))
+    add_model_flags(p)
+    add_tls_flags(p)
+    add_common(p)
+    p.set_defaults(func=cmd_discriminator)
+
+    p = sub.add_parser("generator", help="train the central generator against the sites")
+    p.add_argument("--site", action="append", type=parse_site, required=True, help="NAME=HOST:PORT, repeat")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--listen", default=env("listen", "127.0.0.1:50051"))
+    p.add_argument("--port-file")
+    p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
+    p.add_argument("--deadline", type=float, default=60.0, help="seconds a site has per step")
+    p.add_argument("--max-grad-norm", type=float, default=float("inf"))
+    p.add_argument("--out", help="write summary.json and samples.png here")
+    p.add_argument("--heldout", help="held-out data spec for evaluation (L1)")
+    p.add_argument("--serve", action="store_true", help="keep serving Synthesize after training")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--grace", type=float, default=5.0)
+    p.add_argument("--device", default=env("device", "cpu"))
+    add_model_flags(p)
+    add_tls_flags(p)
+    add_common(p)
+    p.set_defaults(func=cmd_generator)
+
+    p = sub.add_parser("demo", help="distributed training on the embedded data, all on 127.0.0.1")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--modalities", default="t1", help="e.g. t1,t2 for the multi-modality variant")
+    p.add_argument("--missing", default="", help="SITE:MODALITY a site lacks, e.g. hospital-0:t2")
+    p.add_argument("--codec", default="")
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup(a: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from asyndgan.codec import CodecError
+    from asyndgan.data import DataError
+
+    a = build_parser().parse_args(argv)
+    _setup(a)
+    func: Callable[[argparse.Namespace], int] = a.func
+    try:
+        return func(a)
+    except (UsageError, DataError, CodecError, ValueError, OSError, RuntimeError) as e:
+        if a.verbose:
+            log.exception("failed")
+        print(f"asyndgan {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"asyndgan {a.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""``asyndgan demo``: N discriminator processes and one generator process on 127.0.0.1, then clean up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asyndgan.algorithm import site_seed
+
+__all__ = ["DemoConfig", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded:icbm152"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    sites: int = 3
+    iterations: int = 300
+    size: int = 64
+    batch_size: int = 8
+    out: Path = Path("runs/demo")
+    seed: int = 0
+    modalities: str = "t1"
+    missing: str = ""  # "SITE:MODALITY": that site lacks that modality (multi-modality variant)
+    generator_threads: int = 0
+    site_threads: int = 1
+    codec: str = ""
+    extra_generator_args: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not 1 <= self.sites <= 16:
+            raise ValueError("--sites must be between 1 and 16")
+        if self.iterations < 1 or self.size < 16 or self.batch_size < 1:
+            raise ValueError("--iterations >= 1, --size >= 16 and --batch-size >= 1 are required")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "asyndgan.cli", *args]
+
+
+def _wait_port(path: Path, proc: subprocess.Popen[bytes], log_file: Path, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        if proc.poll() is not None:
+            tail = log_file.read_text().strip().splitlines()[-1:] if log_file.exists() else []
+            raise RuntimeError(f"{log_file.stem} exited with code {proc.returncode}: {' '.join(tail)}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{log_file.stem} did not start within {timeout:.0f} s")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def site_data_spec(cfg: DemoConfig, j: int) -> str:
+    mods = cfg.modalities
+    site_name = f"hospital-{j}"
+    if cfg.missing:
+        name, _, lacking = cfg.missing.partition(":")
+        if name == site_name:
+            mods = ",".join(m for m in mods.split(",") if m != lacking)
+    return f"{EMBEDDED}?site={j}&of={cfg.sites}&size={cfg.size}&modalities={mods}"
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Start the sites and the generator as processes, train, stop everything; returns summary.json."""
+    cfg.validate()
+    out = cfg.out
+    run_dir = out / "run"
+    for sub in ("ports", "logs", "checkpoints"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    for f in (run_dir / "ports").glob("*"):
+        f.unlink()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sites = []
+        for j in range(cfg.sites):
+            name = f"hospital-{j}"
+            log_file = run_dir / "logs" / f"{name}.log"
+            port_file = run_dir / "ports" / name
+            args = _cli(
+                "discriminator",
+                "--site-id", name,
+                "--data", site_data_spec(cfg, j),
+                "--listen", "127.0.0.1:0",
+                "--port-file", str(port_file),
+                "--checkpoint-dir", str(run_dir / "checkpoints" / name),
+                "--batch-size", str(cfg.batch_size),
+                "--seed", str(site_seed(cfg.seed, j)),
+                "--threads", str(cfg.site_threads),
+            )  # fmt: skip
+            with open(log_file, "wb") as lf:
+                procs.append(subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env))
+            sites.append((name, port_file, log_file))
+        site_flags: list[str] = []
+        for (name, port_file, log_file), proc in zip(sites, procs, strict=True):
+            port = _wait_port(port_file, proc, log_file)
+            site_flags += ["--site", f"{name}=127.0.0.1:{port}"]
+        log.info("%d discriminator processes up; starting the generator", cfg.sites)
+        gen_args = _cli(
+            "generator",
+            *site_flags,
+            "--iterations", str(cfg.iterations),
+            "--checkpoint-dir", str(run_dir / "checkpoints" / "generator"),
+            "--out", str(out),
+            "--listen", "127.0.0.1:0",
+            "--heldout", f"{EMBEDDED}?split=heldout&of={cfg.sites}&size={cfg.size}&modalities={cfg.modalities}",
+            "--seed", str(cfg.seed),
+            "--threads", str(cfg.generator_threads),
+            *(["--codec", cfg.codec] if cfg.codec else []),
+            *cfg.extra_generator_args,
+        )  # fmt: skip
+        gen = subprocess.Popen(gen_args, env=env)
+        procs.append(gen)
+        code = gen.wait()
+        if code != 0:
+            raise RuntimeError(f"generator exited with code {code}; site logs in {run_dir / 'logs'}")
+    finally:
+        _stop(procs)
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return summary

@@ -1,0 +1,184 @@
+"""The one place that builds gRPC servers and channels, and maps domain errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from asyndgan.algorithm import SiteStepError
+from asyndgan.codec import CodecError, LimitExceeded
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "FailedPrecondition",
+    "Server",
+    "TlsConfig",
+    "make_channel",
+    "make_server",
+    "status_code_for",
+    "stop_event_on_signals",
+    "translate_errors",
+]
+
+log = logging.getLogger(__name__)
+
+# Explicit limits everywhere (gRPC's default receive limit is 4 MB; never the 2 GB maximum).
+MAX_MESSAGE_BYTES = 64 << 20
+
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class FailedPrecondition(Exception):
+    """A call arrived in a state where it cannot be served (e.g. unknown or stale batch id)."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files for mutual TLS: our certificate and key, and the CA that signs our peers."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
+
+
+def _options(max_message: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        *_KEEPALIVE,
+    ]
+
+
+@dataclass
+class Server:
+    """A started gRPC server with its health servicer and bound port."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    services: tuple[str, ...]
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.services):
+            self.health.set(name, status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An event set on SIGTERM/SIGINT (call from the main thread of an entry point)."""
+    event = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        event.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return event
+
+
+def make_server(
+    listen: str,
+    register: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    *,
+    tls: TlsConfig | None = None,
+    max_message: int = MAX_MESSAGE_BYTES,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
+    workers: int = 8,
+) -> Server:
+    """Start a server on ``listen`` (HOST:PORT, port 0 = any) with health and reflection; NOT_SERVING."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
+        options=_options(max_message),
+        maximum_concurrent_rpcs=workers * 4,
+    )
+    register(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    if tls is not None:
+        cert, key, ca = tls.read()
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        port = server.add_secure_port(listen, creds)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    srv = Server(server, health_servicer, port, tuple(service_names))
+    srv.set_serving(False)
+    return srv
+
+
+def make_channel(
+    target: str,
+    *,
+    tls: TlsConfig | None = None,
+    server_name: str | None = None,
+    max_message: int = MAX_MESSAGE_BYTES,
+) -> grpc.Channel:
+    """A channel to ``target``; with TLS, the server certificate must name ``server_name``."""
+    options = _options(max_message)
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    cert, key, ca = tls.read()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, CodecError | SiteStepError | ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translate_errors(method: F) -> F:
+    """Servicer method decorator: domain exceptions -> gRPC status; never a crash, never pixel data."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except (CodecError, SiteStepError, ValueError, FailedPrecondition) as e:
+            context.abort(status_code_for(e), str(e)[:500])
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper  # type: ignore[return-value]

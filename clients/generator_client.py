@@ -1,0 +1,66 @@
+"""Python client for the generator service: stream label maps in, get synthetic images out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+import numpy as np
+import torch
+
+from asyndgan import codec
+from asyndgan.rpc import TlsConfig, make_channel
+from asyndgan.v1 import generator_pb2 as pb
+from asyndgan.v1 import generator_pb2_grpc as pb_grpc
+
+__all__ = ["GeneratorClient"]
+
+
+class GeneratorClient:
+    """``with GeneratorClient("127.0.0.1:50051") as g: images = g.synthesize(labels)``."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: TlsConfig | None = None,
+        server_name: str | None = None,
+        timeout: float = 300.0,
+        image_codec: str = "f32",
+    ) -> None:
+        self.channel = make_channel(target, tls=tls, server_name=server_name)
+        self.stub = pb_grpc.GeneratorStub(self.channel)
+        self.timeout = timeout
+        self.image_codec = image_codec
+
+    def status(self) -> pb.TrainingStatus:
+        return self.stub.Status(pb.GeneratorStatusRequest(), timeout=self.timeout)
+
+    def stream(self, batches: Iterable[np.ndarray | torch.Tensor]) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """One (images (B, C, H, W) float32 in [-1, 1], modality names) per label batch (B, H, W)."""
+        requests = (
+            pb.SynthesizeRequest(
+                labels=codec.encode(torch.as_tensor(b), codec.LABEL_CODEC), image_codec=self.image_codec
+            )
+            for b in batches
+        )
+        for reply in self.stub.Synthesize(requests, timeout=self.timeout):
+            yield codec.decode(reply.images).numpy(), list(reply.modalities)
+
+    def synthesize(self, labels: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[str]]:
+        """All of ``labels`` (N, H, W) -> images (N, C, H, W) and modality names."""
+        parts: list[np.ndarray] = []
+        names: list[str] = []
+        for images, batch_names in self.stream(labels[i : i + batch_size] for i in range(0, len(labels), batch_size)):
+            parts.append(images)
+            names = batch_names
+        return np.concatenate(parts), names
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GeneratorClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

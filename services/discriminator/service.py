@@ -1,0 +1,91 @@
+"""Entry logic of a hospital's discriminator service: load data, build the site, serve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from asyndgan.services.discriminator.servicer import DiscriminatorServicer
+from asyndgan.services.discriminator.site import Site
+
+from asyndgan.algorithm import TrainConfig
+from asyndgan.data import load_site
+from asyndgan.io import write_bytes_atomic
+from asyndgan.nets import NetConfig
+from asyndgan.rpc import Server, TlsConfig, make_server
+from asyndgan.v1 import discriminator_pb2 as pb
+from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
+
+__all__ = ["DiscriminatorConfig", "start_discriminator"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Discriminator"].full_name
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    site_id: str
+    data: str
+    listen: str = "127.0.0.1:0"
+    checkpoint_dir: Path | None = None
+    size: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    resume: bool = True
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    port_file: Path | None = None
+    tls: TlsConfig | None = None
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if not self.site_id or any(c in self.site_id for c in "/\\ \t\n="):
+            raise ValueError(f"invalid site id {self.site_id!r}: use letters, digits, '-', '_' and '.'")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        self.net.validate()
+        self.train.validate()
+
+
+def start_discriminator(
+    cfg: DiscriminatorConfig, interceptors: tuple[grpc.ServerInterceptor, ...] = ()
+) -> tuple[Site, Server]:
+    """Load data, build the site (resuming from its checkpoint), start serving; returns both."""
+    cfg.validate()
+    data = load_site(cfg.data, size=cfg.size)
+    site = Site(
+        cfg.site_id,
+        data,
+        cfg.net,
+        cfg.train,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        checkpoint_dir=cfg.checkpoint_dir,
+        device=cfg.device,
+    )
+    if cfg.resume:
+        site.restore()
+    server = make_server(
+        cfg.listen,
+        lambda s: pb_grpc.add_DiscriminatorServicer_to_server(DiscriminatorServicer(site), s),
+        [SERVICE_NAME],
+        tls=cfg.tls,
+        interceptors=interceptors,
+    )
+    if cfg.port_file:
+        write_bytes_atomic(cfg.port_file, str(server.port).encode())
+    server.set_serving(True)
+    d = site.description
+    log.info(
+        "site %s serving on port %d: %d samples, modalities %s, %dx%d",
+        cfg.site_id,
+        server.port,
+        d.num_samples,
+        list(d.modalities),
+        d.height,
+        d.width,
+    )
+    return site, server

@@ -1,0 +1,137 @@
+"""A hospital's side of AsynDGAN, free of gRPC: data, discriminator(s), batch bookkeeping, checkpoints.
+
+The real images stay in this object. Only label maps (the conditions) and gradients w.r.t. the
+generator's synthetic images are handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyndgan import __version__
+from asyndgan.algorithm import Batch, LossTerm, SiteTrainer, TrainConfig
+from asyndgan.data import SiteData
+from asyndgan.io import load_checkpoint, save_checkpoint
+from asyndgan.nets import NetConfig
+from asyndgan.rpc import FailedPrecondition
+
+__all__ = ["Site", "SiteDescription", "StepResult"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "discriminator.pt"
+
+
+@dataclass(frozen=True)
+class SiteDescription:
+    site_id: str
+    num_samples: int
+    modalities: tuple[str, ...]
+    height: int
+    width: int
+    num_classes: int
+    batch_size: int
+    version: str = __version__
+
+
+@dataclass
+class StepResult:
+    grad: torch.Tensor
+    losses: list[LossTerm]
+    next: Batch
+
+
+class Site:
+    """Thread-safe site logic: one outstanding batch at a time; Step must answer the outstanding batch."""
+
+    def __init__(
+        self,
+        site_id: str,
+        data: SiteData,
+        net: NetConfig,
+        train: TrainConfig,
+        *,
+        batch_size: int,
+        seed: int,
+        checkpoint_dir: Path | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.site_id = site_id
+        self.trainer = SiteTrainer(data, net, train, batch_size=batch_size, seed=seed, device=device)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self._lock = threading.Lock()
+        self._outstanding: Batch | None = None
+        # Sampler state before the outstanding batch was drawn: a checkpoint redraws the same batch.
+        self._pre_batch_state: dict[str, Any] | None = None
+        _, h, w = data.labels.shape
+        self.description = SiteDescription(
+            site_id, len(data), tuple(data.modalities), h, w, data.num_classes, batch_size
+        )
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.steps
+
+    @property
+    def last_losses(self) -> list[LossTerm]:
+        return self.trainer.last_losses
+
+    def _draw(self) -> Batch:
+        self._pre_batch_state = self.trainer.sampler.state_dict()
+        self._outstanding = self.trainer.next_batch()
+        return self._outstanding
+
+    def next_batch(self) -> Batch:
+        """The outstanding batch (drawn if there is none). Idempotent, so a reconnecting generator and a
+        resumed one see the batch an uninterrupted run would have used."""
+        with self._lock:
+            return self._outstanding or self._draw()
+
+    def step(self, batch_id: int, fakes: torch.Tensor, channels: list[str]) -> StepResult:
+        """Train on the outstanding batch with the generator's fakes; return gradient and the next batch."""
+        with self._lock:
+            batch = self._outstanding
+            if batch is None:
+                raise FailedPrecondition("no outstanding batch: call NextBatch first")
+            if batch_id != batch.id:
+                raise FailedPrecondition(f"batch {batch_id} is not the outstanding batch {batch.id}")
+            grad = self.trainer.step(batch, fakes, channels)
+            return StepResult(grad, list(self.trainer.last_losses), self._draw())
+
+    # -- checkpoints (site-local only) --------------------------------------------------------------
+
+    def checkpoint(self) -> Path | None:
+        """Write D(s), optimizers and sampler state atomically to the site's checkpoint dir."""
+        if self.checkpoint_dir is None:
+            return None
+        with self._lock:
+            state = self.trainer.state_dict()
+            if self._pre_batch_state is not None:
+                state["sampler"] = self._pre_batch_state
+            state["redraw"] = self._outstanding is not None
+            state["site_id"] = self.site_id
+            path = self.checkpoint_dir / CHECKPOINT_FILE
+            save_checkpoint(path, state)
+        log.info("checkpoint written at step %d", state["steps"])
+        return path
+
+    def restore(self) -> bool:
+        """Load the checkpoint if there is one; returns whether it did."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT_FILE).exists():
+            return False
+        state = load_checkpoint(self.checkpoint_dir / CHECKPOINT_FILE)
+        if state.get("site_id") != self.site_id:
+            raise ValueError(f"checkpoint belongs to site {state.get('site_id')!r}, not {self.site_id!r}")
+        with self._lock:
+            self.trainer.load_state_dict(state)
+            self._outstanding = None
+            if state.get("redraw"):
+                self._draw()
+        log.info("resumed from checkpoint at step %d", self.trainer.steps)
+        return True

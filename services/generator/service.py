@@ -1,0 +1,228 @@
+"""The central generator service: connect to sites, train, checkpoint, serve Synthesize and Status."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, StepObserver
+from asyndgan.services.generator.servicer import GeneratorServicer
+
+from asyndgan import codec
+from asyndgan.algorithm import GeneratorTrainer, TrainConfig
+from asyndgan.data import SiteData, load_site
+from asyndgan.io import load_checkpoint, save_checkpoint, write_bytes_atomic, write_json_atomic
+from asyndgan.local import evaluate_heldout, sample_rows
+from asyndgan.nets import NetConfig
+from asyndgan.report import Progress, samples_png
+from asyndgan.rpc import Server, TlsConfig, make_server
+from asyndgan.v1 import generator_pb2 as gpb
+from asyndgan.v1 import generator_pb2_grpc as gpb_grpc
+
+__all__ = ["GeneratorConfig", "GeneratorService"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "generator.pt"
+RETRY_IDLE_S = 2.0
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    sites: tuple[tuple[str, str], ...]  # (name, HOST:PORT)
+    iterations: int
+    checkpoint_dir: Path
+    listen: str = "127.0.0.1:0"
+    resume: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    out: Path | None = None
+    heldout: str | None = None
+    port_file: Path | None = None
+    tls: TlsConfig | None = None
+    max_grad_norm: float = math.inf
+    device: str = "cpu"
+    eval_samples: int = 64
+
+    def validate(self) -> None:
+        if not self.sites:
+            raise ValueError("at least one --site NAME=HOST:PORT is needed")
+        if self.iterations < 0 or self.checkpoint_every < 1:
+            raise ValueError("iterations must be >= 0 and checkpoint_every >= 1")
+        self.net.validate()
+        self.train.validate()
+        for c in (self.orchestrator.image_codec, self.orchestrator.grad_codec, self.orchestrator.label_codec):
+            codec.Codec.parse(c)
+
+
+class GeneratorService:
+    """Build with :meth:`start` (dials sites, loads or creates G, starts the server); then :meth:`train`."""
+
+    def __init__(self, cfg: GeneratorConfig, observer: StepObserver | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        links = [SiteLink.dial(name, addr, cfg.tls) for name, addr in cfg.sites]
+        self.orch = Orchestrator(links, cfg.orchestrator, observer)
+        self.height, self.width, self.num_classes, self.modalities = self.orch.connect()
+        self.gen = GeneratorTrainer(
+            cfg.net,
+            cfg.train,
+            num_classes=self.num_classes,
+            modalities=self.modalities,
+            seed=cfg.seed,
+            image_size=min(self.height, self.width),
+            device=cfg.device,
+            max_grad_norm=cfg.max_grad_norm,
+        )
+        ckpt = cfg.checkpoint_dir / CHECKPOINT_FILE
+        if cfg.resume and ckpt.exists():
+            self.gen.load_state_dict(load_checkpoint(ckpt))
+            log.info("resumed generator at step %d", self.gen.steps)
+        self.heldout: SiteData | None = load_site(cfg.heldout, size=self.height) if cfg.heldout else None
+        self.training = False
+        self.generator_loss = math.nan
+        self.server: Server = make_server(
+            cfg.listen,
+            lambda s: gpb_grpc.add_GeneratorServicer_to_server(
+                GeneratorServicer(self.gen, self.orch.lock, self.height, self.width, self.status), s
+            ),
+            [gpb.DESCRIPTOR.services_by_name["Generator"].full_name],
+            tls=cfg.tls,
+        )
+        if cfg.port_file:
+            write_bytes_atomic(cfg.port_file, str(self.server.port).encode())
+        self.server.set_serving(True)
+        log.info("generator serving on port %d; modalities %s", self.server.port, list(self.modalities))
+
+    def status(self) -> gpb.TrainingStatus:
+        o = self.orch
+        return gpb.TrainingStatus(
+            step=self.gen.steps,
+            target_steps=self.cfg.iterations,
+            training=self.training,
+            sites=[
+                gpb.SiteState(
+                    site_id=lk.name,
+                    address=lk.address,
+                    active=lk.active,
+                    num_samples=lk.info.num_samples if lk.info else 0,
+                    steps_contributed=lk.contributed,
+                    steps_dropped=lk.dropped,
+                    last_error=lk.last_error,
+                )
+                for lk in o.links
+            ],
+            modalities=list(self.modalities),
+            height=self.height,
+            width=self.width,
+            num_classes=self.num_classes,
+            generator_loss=self.generator_loss,
+            wire_bytes_sent=sum(lk.wire_sent for lk in o.links),
+            wire_bytes_received=sum(lk.wire_received for lk in o.links),
+        )
+
+    def checkpoint(self) -> None:
+        """Generator state here, and each site's state at that site, at the same step."""
+        with self.orch.lock:
+            save_checkpoint(self.cfg.checkpoint_dir / CHECKPOINT_FILE, self.gen.state_dict())
+        self.orch.checkpoint_sites()
+        log.info("checkpoint at step %d", self.gen.steps)
+
+    def train(self, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Train until ``iterations`` steps (or ``stop``); checkpoint; write summary and samples."""
+        stop = stop or threading.Event()
+        cfg = self.cfg
+        l1_start = self._l1()
+        start_step = self.gen.steps
+        progress = Progress(cfg.iterations)
+        self.training = True
+        t0 = time.perf_counter()
+        try:
+            while self.gen.steps < cfg.iterations and not stop.is_set():
+                try:
+                    outcome = self.orch.step(self.gen)
+                except ConnectionError as e:
+                    log.warning("%s; retrying in %.0f s", e, RETRY_IDLE_S)
+                    stop.wait(RETRY_IDLE_S)
+                    continue
+                if not math.isnan(outcome.generator_loss):
+                    self.generator_loss = outcome.generator_loss
+                if self.gen.steps % cfg.checkpoint_every == 0 and any(outcome.answered):
+                    self.checkpoint()
+                links = self.orch.links
+                progress.update(
+                    self.gen.steps,
+                    g_loss=self.generator_loss,
+                    sites=f"{sum(outcome.answered)}/{len(links)}",
+                    MB=f"{sum(lk.wire_sent + lk.wire_received for lk in links) / 1e6:.1f}",
+                )
+        finally:
+            self.training = False
+            self.checkpoint()
+        seconds = time.perf_counter() - t0
+        return self._summary(seconds, self.gen.steps - start_step, l1_start)
+
+    def _l1(self) -> float:
+        if self.heldout is None:
+            return math.nan
+        with self.orch.lock:
+            return evaluate_heldout(self.gen, self.heldout, self.cfg.eval_samples)
+
+    def _summary(self, seconds: float, steps: int, l1_start: float) -> dict[str, Any]:
+        links = self.orch.links
+        summary: dict[str, Any] = {
+            "mode": "distributed",
+            "iterations": self.gen.steps,
+            "steps_this_run": steps,
+            "sites": [
+                {
+                    "name": lk.name,
+                    "num_samples": lk.info.num_samples if lk.info else 0,
+                    "modalities": list(lk.info.modalities) if lk.info else [],
+                    "steps_contributed": lk.contributed,
+                    "steps_dropped": lk.dropped,
+                    "wire_bytes_sent": lk.wire_sent,
+                    "wire_bytes_received": lk.wire_received,
+                }
+                for lk in links
+            ],
+            "modalities": list(self.modalities),
+            "seconds": round(seconds, 3),
+            "seconds_per_step": round(seconds / max(steps, 1), 4),
+            "wire_bytes_sent": sum(lk.wire_sent for lk in links),
+            "wire_bytes_received": sum(lk.wire_received for lk in links),
+            "payload_bytes_sent": sum(lk.payload_sent for lk in links),
+            "payload_bytes_received": sum(lk.payload_received for lk in links),
+            "generator_loss": self.generator_loss,
+            "l1_heldout_start": l1_start,
+            "l1_heldout": self._l1(),
+            "codecs": {
+                "image": self.cfg.orchestrator.image_codec,
+                "grad": self.cfg.orchestrator.grad_codec,
+                "label": self.cfg.orchestrator.label_codec,
+            },
+            "torch_threads": torch.get_num_threads(),
+        }
+        summary["payload_bytes"] = summary["payload_bytes_sent"] + summary["payload_bytes_received"]
+        wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
+        summary["wire_to_payload"] = round(wire / summary["payload_bytes"], 4) if summary["payload_bytes"] else None
+        if self.cfg.out is not None:
+            last = {lk.name: lk.labels.numpy() for lk in links if lk.labels is not None}
+            with self.orch.lock:
+                rows = sample_rows(self.gen, last, self.heldout)
+            samples_png(self.cfg.out / "samples.png", rows)
+            write_json_atomic(self.cfg.out / "summary.json", summary)
+        return summary
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.server.stop(grace)
+        self.orch.close()
