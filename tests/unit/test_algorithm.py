@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asyndgan.algorithm import (
+    BatchSampler,
+    GeneratorTrainer,
+    LossTerm,
+    SiteStepError,
+    SiteTrainer,
+    TrainConfig,
+)
+from asyndgan.io import load_checkpoint, save_checkpoint
+from asyndgan.nets import NetConfig, gan_loss, one_hot
+from tests.conftest import make_site
+
+NET = NetConfig(generator="unet_32", ngf=8, ndf=8)
+CFG = TrainConfig()
+
+
+def site_trainer(modalities: tuple[str, ...] = ("t1",), seed: int = 1) -> SiteTrainer:
+    return SiteTrainer(make_site(modalities=modalities), NET, CFG, batch_size=4, seed=seed)
+
+
+def generator(modalities: tuple[str, ...] = ("t1",), **kw: float) -> GeneratorTrainer:
+    return GeneratorTrainer(NET, CFG, num_classes=4, modalities=modalities, seed=0, image_size=32, **kw)
+
+
+def params(m: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+# -- sampler ------------------------------------------------------------------------------------------
+
+
+def test_sampler_is_seeded_and_resumable() -> None:
+    site = make_site(n=10)
+    a, b = BatchSampler(site, 4, seed=5), BatchSampler(site, 4, seed=5)
+    for _ in range(3):
+        x, y = a.next(), b.next()
+        assert x.id == y.id and torch.equal(x.labels, y.labels) and torch.equal(x.real, y.real)
+    state = a.state_dict()
+    expected = [a.next() for _ in range(4)]
+    c = BatchSampler(site, 4, seed=99)
+    c.load_state_dict(state)
+    for e in expected:
+        got = c.next()
+        assert got.id == e.id and torch.equal(got.labels, e.labels) and torch.equal(got.real, e.real)
+
+
+def test_augmentation_keeps_label_and_image_aligned() -> None:
+    site = make_site(n=8, size=32)
+    sampler = BatchSampler(site, 8, seed=0, flip=True, max_shift=3)
+    levels = torch.tensor([-1.0, -0.2, 0.3, 0.8])
+    for _ in range(5):
+        batch = sampler.next()
+        # Every pixel's intensity is nearest to its own class level (noise sigma 0.05 << level gaps).
+        nearest = (batch.real[:, 0, :, :, None] - levels).abs().argmin(-1)
+        assert float((nearest == batch.labels.long()).float().mean()) > 0.98
+
+
+def test_sampler_covers_an_epoch_without_repeats() -> None:
+    site = make_site(n=8)
+    sampler = BatchSampler(site, 4, seed=0, flip=False, max_shift=0)
+    seen = torch.cat([sampler.next().labels for _ in range(2)])
+    assert len({bytes(x.numpy()) for x in seen}) == 8
+
+
+# -- site step ----------------------------------------------------------------------------------------
+
+
+def test_site_step_updates_d_then_returns_gradient_of_g_loss() -> None:
+    st = site_trainer()
+    batch = st.next_batch()
+    fakes = torch.rand(4, 1, 32, 32) * 2 - 1
+    before = params(st.discriminators["t1"]).clone()
+    grad = st.step(batch, fakes, ["t1"])
+    d = st.discriminators["t1"]
+    assert not torch.equal(before, params(d)), "D must have stepped"
+    # Reference: the same G loss with the *updated* D, differentiated by hand.
+    fake = fakes.clone().requires_grad_(True)
+    cond = one_hot(batch.labels, 4)
+    loss = gan_loss(d(torch.cat([cond, fake], 1)), True, "vanilla") + 100 * (fake - batch.real).abs().mean()
+    (expected,) = torch.autograd.grad(loss, fake)
+    torch.testing.assert_close(grad, expected)
+    terms = {(t.network, t.term) for t in st.last_losses}
+    assert {("D", "real"), ("D", "fake"), ("G", "gan"), ("G", "l1"), ("G", "total")} <= terms
+
+
+def test_missing_modality_gets_zero_gradient() -> None:
+    st = site_trainer(modalities=("t1",))
+    batch = st.next_batch()
+    grad = st.step(batch, torch.zeros(4, 2, 32, 32), ["t2", "t1"])
+    assert float(grad[:, 0].abs().sum()) == 0.0
+    assert float(grad[:, 1].abs().sum()) > 0.0
+
+
+def test_multimodal_site_trains_one_d_per_modality() -> None:
+    st = site_trainer(modalities=("t1", "t2"))
+    assert set(st.discriminators) == {"t1", "t2"}
+    grad = st.step(st.next_batch(), torch.zeros(4, 2, 32, 32), ["t1", "t2"])
+    assert float(grad[:, 0].abs().sum()) > 0 and float(grad[:, 1].abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    ("fakes", "channels", "match"),
+    [
+        (torch.zeros(3, 1, 32, 32), ["t1"], "shape"),
+        (torch.zeros(4, 1, 16, 16), ["t1"], "shape"),
+        (torch.zeros(4, 32, 32), ["t1"], "shape"),
+        (torch.zeros(4, 2, 32, 32), ["t1"], "channels"),
+        (torch.zeros(4, 1, 32, 32), ["t2"], "modalities"),
+        (torch.zeros(4, 2, 32, 32), ["t1", "t1"], "duplicate"),
+        (torch.full((4, 1, 32, 32), math.nan), ["t1"], "NaN"),
+        (torch.full((4, 1, 32, 32), math.inf), ["t1"], "NaN"),
+    ],
+)
+def test_site_rejects_bad_fakes(fakes: torch.Tensor, channels: list[str], match: str) -> None:
+    st = site_trainer()
+    batch = st.next_batch()
+    before = params(st.discriminators["t1"]).clone()
+    with pytest.raises(SiteStepError, match=match):
+        st.step(batch, fakes, channels)
+    assert torch.equal(before, params(st.discriminators["t1"])), "a rejected step must not train D"
+
+
+def test_site_state_round_trip(tmp_path: Path) -> None:
+    a = site_trainer()
+    a.step(a.next_batch(), torch.zeros(4, 1, 32, 32), ["t1"])
+    save_checkpoint(tmp_path / "d.pt", a.state_dict())
+    b = site_trainer(seed=77)
+    b.load_state_dict(load_checkpoint(tmp_path / "d.pt"))
+    ba, bb = a.next_batch(), b.next_batch()
+    assert torch.equal(ba.labels, bb.labels)
+    fakes = torch.rand(4, 1, 32, 32)
+    torch.testing.assert_close(a.step(ba, fakes, ["t1"]), b.step(bb, fakes, ["t1"]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="modalities"):
+        site_trainer(modalities=("t1", "t2")).load_state_dict(a.state_dict())
+
+
+# -- generator step -----------------------------------------------------------------------------------
+
+
+def fixed_exchange(grads: list[torch.Tensor | None]):  # type: ignore[no-untyped-def]
+    def exchange(parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[LossTerm]] | None]:
+        return [None if g is None else (g, [LossTerm("G", "", "total", 1.0)]) for g in grads]
+
+    return exchange
+
+
+def labels(n: int) -> torch.Tensor:
+    return torch.randint(0, 4, (n, 32, 32), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+
+
+def test_generator_aggregates_weighted_by_site_size() -> None:
+    g1, g2 = torch.randn(2, 1, 32, 32), torch.randn(3, 1, 32, 32)
+    gen = generator()
+    ref = generator()
+    outcome = gen.step([labels(2), labels(3)], [10, 30], fixed_exchange([g1, g2]))
+    assert outcome.weights == [0.25, 0.75] and outcome.answered == [True, True]
+    # Reference: backprop the hand-weighted gradient.
+    fakes = ref.forward(torch.cat([labels(2), labels(3)]))
+    ref.opt.zero_grad()
+    fakes.backward(torch.cat([0.25 * g1, 0.75 * g2]))
+    ref.opt.step()
+    assert torch.equal(params(gen.G), params(ref.G))
+    assert gen.steps == 1
+
+
+def test_dropped_site_renormalises_weights() -> None:
+    gen = generator()
+    outcome = gen.step(
+        [labels(2), labels(2), labels(2)],
+        [10, 30, 60],
+        fixed_exchange([torch.ones(2, 1, 32, 32), None, torch.ones(2, 1, 32, 32)]),
+    )
+    assert outcome.answered == [True, False, True]
+    assert outcome.weights == pytest.approx([10 / 70, 0.0, 60 / 70])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e12])
+def test_poisoned_gradient_is_left_out(bad: float) -> None:
+    gen = generator(max_grad_norm=1e6)
+    ok = torch.ones(2, 1, 32, 32)
+    outcome = gen.step([labels(2), labels(2)], [1, 1], fixed_exchange([ok, torch.full((2, 1, 32, 32), bad)]))
+    assert outcome.answered == [True, False]
+    assert outcome.weights == [1.0, 0.0]
+    assert all(torch.isfinite(p).all() for p in gen.G.parameters())
+
+
+def test_wrong_shape_gradient_is_left_out() -> None:
+    gen = generator()
+    outcome = gen.step([labels(2)], [1], fixed_exchange([torch.ones(3, 1, 32, 32)]))
+    assert outcome.answered == [False]
+
+
+def test_no_answer_means_no_step() -> None:
+    gen = generator()
+    before = params(gen.G).clone()
+    outcome = gen.step([labels(2)], [1], fixed_exchange([None]))
+    assert outcome.answered == [False] and gen.steps == 0 and math.isnan(outcome.generator_loss)
+    assert torch.equal(before, params(gen.G))
+
+
+def test_training_is_deterministic_under_a_seed(one_thread: None) -> None:
+    def run() -> torch.Tensor:
+        st = site_trainer()
+        gen = generator()
+        for _ in range(3):
+            b = st.next_batch()
+            gen.step([b.labels], [12], lambda parts, b=b: [(st.step(b, parts[0], ["t1"]), st.last_losses)])
+        return params(gen.G)
+
+    assert torch.equal(run(), run())
+
+
+def test_generator_state_round_trip(tmp_path: Path) -> None:
+    a = generator()
+    a.step([labels(2)], [1], fixed_exchange([torch.ones(2, 1, 32, 32)]))
+    save_checkpoint(tmp_path / "g.pt", a.state_dict())
+    b = generator()
+    b.load_state_dict(load_checkpoint(tmp_path / "g.pt"))
+    assert b.steps == 1 and torch.equal(params(a.G), params(b.G))
+    with pytest.raises(ValueError):
+        generator(modalities=("t1", "t2")).load_state_dict(a.state_dict())
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(lr_g=0).validate()
+    with pytest.raises(ValueError):
+        TrainConfig(lambda_l1=-1).validate()
+    with pytest.raises(ValueError):
+        BatchSampler(make_site(), 0, seed=0)
+    assert np.isfinite(CFG.lambda_l1)
