@@ -236,6 +236,34 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synthesize(a: argparse.Namespace) -> int:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from asyndgan.clients.generator_client import GeneratorClient
+    from asyndgan.data import load_site
+    from asyndgan.io import write_bytes_atomic
+    from asyndgan.report import label_rgb
+
+    site = load_site(a.labels, size=a.size)
+    out = Path(a.out)
+    with GeneratorClient(a.generator, tls=tls_config(a), server_name=a.server_name) as client:
+        images, modalities = client.synthesize(site.labels, batch_size=a.batch_size)
+    (out / "png").mkdir(parents=True, exist_ok=True)
+    for i, (lab, img) in enumerate(zip(site.labels, images, strict=True)):
+        Image.fromarray(label_rgb(lab)).save(out / "png" / f"{i:05d}_label.png")
+        for k, m in enumerate(modalities):
+            g = ((np.clip(img[k], -1, 1) + 1) * 127.5).round().astype(np.uint8)
+            Image.fromarray(g).save(out / "png" / f"{i:05d}_{m}.png")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, labels=site.labels, images=images, modalities=np.array(modalities))
+    write_bytes_atomic(out / "synthetic.npz", buf.getvalue())
+    log.info("wrote %d synthetic samples (%s) to %s", len(images), "/".join(modalities), out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyndgan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="")
     add_common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synthesize", help="stream label maps to a generator, write synthetic images")
+    p.add_argument("--generator", required=True, help="HOST:PORT of the generator service")
+    p.add_argument("--labels", required=True, help="data spec whose label maps to use (see docs/data.md)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--server-name", default=None, help="expected TLS name of the generator")
+    add_tls_flags(p)
+    add_common(p)
+    p.set_defaults(func=cmd_synthesize)
     return parser
 
 

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from asyndgan.services.discriminator.servicer import DiscriminatorServicer
-from asyndgan.services.discriminator.site import Site
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import load_site
 from asyndgan.io import write_bytes_atomic
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import Server, TlsConfig, make_server
+from asyndgan.services.discriminator.servicer import DiscriminatorServicer
+from asyndgan.services.discriminator.site import Site
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import grpc
-from asyndgan.services.discriminator.site import Site
 
 from asyndgan import codec
 from asyndgan.algorithm import Batch, LossTerm
 from asyndgan.rpc import translate_errors
+from asyndgan.services.discriminator.site import Site
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, StepObserver
-from asyndgan.services.generator.servicer import GeneratorServicer
 
 from asyndgan import codec
 from asyndgan.algorithm import GeneratorTrainer, TrainConfig
@@ -22,6 +20,8 @@ from asyndgan.local import evaluate_heldout, sample_rows
 from asyndgan.nets import NetConfig
 from asyndgan.report import Progress, samples_png
 from asyndgan.rpc import Server, TlsConfig, make_server
+from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, StepObserver
+from asyndgan.services.generator.servicer import GeneratorServicer
 from asyndgan.v1 import generator_pb2 as gpb
 from asyndgan.v1 import generator_pb2_grpc as gpb_grpc
 
@@ -137,17 +137,18 @@ class GeneratorService:
         self.orch.checkpoint_sites()
         log.info("checkpoint at step %d", self.gen.steps)
 
-    def train(self, stop: threading.Event | None = None) -> dict[str, Any]:
-        """Train until ``iterations`` steps (or ``stop``); checkpoint; write summary and samples."""
+    def train(self, stop: threading.Event | None = None, until: int | None = None) -> dict[str, Any]:
+        """Train until step ``until`` (default: ``iterations``) or ``stop``; checkpoint; write summary."""
         stop = stop or threading.Event()
         cfg = self.cfg
+        target = cfg.iterations if until is None else until
         l1_start = self._l1()
         start_step = self.gen.steps
-        progress = Progress(cfg.iterations)
+        progress = Progress(target)
         self.training = True
         t0 = time.perf_counter()
         try:
-            while self.gen.steps < cfg.iterations and not stop.is_set():
+            while self.gen.steps < target and not stop.is_set():
                 try:
                     outcome = self.orch.step(self.gen)
                 except ConnectionError as e:

@@ -1,0 +1,71 @@
+"""Real gRPC discriminator servers on 127.0.0.1:0 inside the test process, and generator configs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from asyndgan.algorithm import TrainConfig, site_seed
+from asyndgan.nets import NetConfig
+from asyndgan.rpc import Server
+from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
+from asyndgan.services.discriminator.site import Site
+from asyndgan.services.generator.orchestrator import OrchestratorConfig
+from asyndgan.services.generator.service import GeneratorConfig
+
+NET = NetConfig(generator="unet_32", ngf=8, ndf=8)
+TRAIN = TrainConfig()
+SIZE = 32
+BATCH = 4
+
+
+def site_spec(j: int, of: int, modalities: str = "t1") -> str:
+    return f"embedded:icbm152?site={j}&of={of}&size={SIZE}&modalities={modalities}"
+
+
+def start_sites(
+    n: int,
+    tmp_path: Path,
+    *,
+    seed: int = 0,
+    modalities: Sequence[str] | None = None,
+    interceptors: dict[int, tuple[grpc.ServerInterceptor, ...]] | None = None,
+    **overrides: Any,
+) -> list[tuple[Site, Server]]:
+    out = []
+    for j in range(n):
+        cfg = DiscriminatorConfig(
+            site_id=f"site-{j}",
+            data=site_spec(j, n, modalities[j] if modalities else "t1"),
+            checkpoint_dir=tmp_path / f"site-{j}",
+            batch_size=BATCH,
+            seed=site_seed(seed, j),
+            net=NET,
+            train=TRAIN,
+        )
+        out.append(start_discriminator(replace(cfg, **overrides), (interceptors or {}).get(j, ())))
+    return out
+
+
+def stop_sites(sites: list[tuple[Site, Server]]) -> None:
+    for _, server in sites:
+        server.stop(grace=0)
+
+
+def generator_config(
+    sites: list[tuple[Site, Server]], tmp_path: Path, iterations: int, codec: str = "f32", **kw: Any
+) -> GeneratorConfig:
+    orch = OrchestratorConfig(image_codec=codec, grad_codec=codec, **kw.pop("orchestrator", {}))
+    return GeneratorConfig(
+        sites=tuple((site.site_id, f"127.0.0.1:{server.port}") for site, server in sites),
+        iterations=iterations,
+        checkpoint_dir=tmp_path / "generator",
+        net=NET,
+        train=TRAIN,
+        orchestrator=orch,
+        **kw,
+    )
