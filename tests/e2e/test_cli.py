@@ -1,0 +1,138 @@
+"""The CLI as a user runs it: real processes on 127.0.0.1, free ports, clean exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyndgan.clients.generator_client import GeneratorClient
+
+pytestmark = pytest.mark.e2e
+
+CLI = [sys.executable, "-m", "asyndgan.cli"]
+SMALL = ["--ngf", "8", "--ndf", "8"]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        time.sleep(0.1)
+    raise TimeoutError(path)
+
+
+def test_demo_trains_writes_outputs_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = run("demo", "--sites", "2", "--iterations", "4", "--size", "32", "--batch-size", "4", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("iterations", "sites", "seconds", "wire_bytes_sent", "wire_bytes_received", "payload_bytes",
+                "generator_loss", "l1_heldout"):  # fmt: skip
+        assert key in summary, key
+    assert summary["iterations"] == 4 and len(summary["sites"]) == 2
+    assert 0 < summary["wire_bytes_sent"] + summary["wire_bytes_received"] < summary["payload_bytes"]
+    assert (out / "samples.png").stat().st_size > 1000
+    assert "demo done" in res.stderr
+    ports = [int(p.read_text()) for p in (out / "run" / "ports").iterdir()]
+    assert len(ports) == 2 and all(port_closed(p) for p in ports), "every process the demo started is gone"
+
+
+def test_multimodal_sites_and_synthesize_complete_a_missing_modality(tmp_path: Path) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        sites = []
+        for j, mods in enumerate(["t1", "t1,t2"]):
+            port_file = tmp_path / f"site{j}.port"
+            spec = f"embedded:icbm152?site={j}&of=2&size=32&modalities={mods}"
+            p = subprocess.Popen(
+                [*CLI, "discriminator", "--site-id", f"h{j}", "--data", spec, "--listen", "127.0.0.1:0",
+                 "--port-file", str(port_file), "--checkpoint-dir", str(tmp_path / f"ck{j}"), "--batch-size", "4",
+                 "--threads", "1", *SMALL],
+                stderr=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
+            procs.append(p)
+            sites.append((p, port_file))
+        flags = []
+        for j, (p, port_file) in enumerate(sites):
+            flags += ["--site", f"h{j}=127.0.0.1:{wait_file(port_file, p)}"]
+        gen_port = tmp_path / "gen.port"
+        gen = subprocess.Popen(
+            [*CLI, "generator", *flags, "--iterations", "3", "--checkpoint-dir", str(tmp_path / "g"),
+             "--listen", "127.0.0.1:0", "--port-file", str(gen_port), "--serve", *SMALL],
+            stderr=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        procs.append(gen)
+        port = int(wait_file(gen_port, gen))
+        with GeneratorClient(f"127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while (status := client.status()).training or status.step < 3:
+                assert time.monotonic() < deadline and gen.poll() is None
+                time.sleep(0.5)
+        assert list(status.modalities) == ["t1", "t2"]
+        out = tmp_path / "synth"
+        res = run("synthesize", "--generator", f"127.0.0.1:{port}",
+                  "--labels", "embedded:icbm152?site=0&of=2&size=32&modalities=t1", "--out", str(out))  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        with np.load(out / "synthetic.npz") as z:
+            assert list(z["modalities"]) == ["t1", "t2"]
+            assert z["images"].shape[1:] == (2, 32, 32) and len(z["images"]) == len(z["labels"])
+        assert (out / "png" / "00000_t2.png").exists()
+        for p in procs[::-1]:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=60) == 0, "graceful shutdown exits 0"
+        assert (tmp_path / "ck0" / "discriminator.pt").exists() and (tmp_path / "g" / "generator.pt").exists()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["discriminator", "--site-id", "x", "--data", "bogus:thing"], "error"),
+        (["discriminator", "--site-id", "x", "--data", "embedded:icbm152?site=5&of=3"], "site"),
+        (["train-local", "--data", "npz:/nonexistent.npz", "--iterations", "1"], "error"),
+        (["generator", "--site", "nohostport", "--checkpoint-dir", "/tmp/x"], "NAME=HOST:PORT"),
+        (
+            [
+                "synthesize",
+                "--generator",
+                "127.0.0.1:1",
+                "--labels",
+                "embedded:icbm152?site=0&of=1",
+                "--out",
+                "/tmp/x",
+                "--tls-cert",
+                "a.pem",
+            ],
+            "go together",
+        ),
+    ],
+)
+def test_cli_errors_are_one_readable_line(args: list[str], needle: str) -> None:
+    res = run(*args, timeout=120)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert needle in last and "Traceback" not in res.stderr
