@@ -36,7 +36,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy asyndgan
+	$(VENV)/bin/mypy asyndgan services clients
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

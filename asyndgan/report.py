@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def samples_png(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray]]], sc
     for (title, _), tile in zip(rows, tiles, strict=True):
         draw.text((2, y + 1), title, fill=(0, 0, 0))
         y += title_h
-        img = Image.fromarray(tile).resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST)
+        img = Image.fromarray(tile).resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.Resampling.NEAREST)
         canvas.paste(img, (0, y))
         y += tile.shape[0] * scale
     buf = io.BytesIO()
@@ -78,11 +79,11 @@ def samples_png(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray]]], sc
 class Progress:
     """One status line: a redrawn bar on a terminal, a log line every ``every`` steps otherwise."""
 
-    def __init__(self, total: int, every: int = 10, stream: object = None) -> None:
+    def __init__(self, total: int, every: int = 10, stream: TextIO | None = None) -> None:
         self.total = total
         self.every = max(every, 1)
         self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = self.stream.isatty()
         self.start = time.perf_counter()
 
     def update(self, step: int, **fields: float | str) -> None:
@@ -92,9 +93,9 @@ class Progress:
         if self.tty:
             done = int(30 * step / max(self.total, 1))
             bar = "#" * done + "." * (30 - done)
-            self.stream.write(f"\r[{bar}] {step}/{self.total} {rate:.2f} it/s {info}   ")  # type: ignore[attr-defined]
+            self.stream.write(f"\r[{bar}] {step}/{self.total} {rate:.2f} it/s {info}   ")
             if step >= self.total:
-                self.stream.write("\n")  # type: ignore[attr-defined]
-            self.stream.flush()  # type: ignore[attr-defined]
+                self.stream.write("\n")
+            self.stream.flush()
         elif step % self.every == 0 or step >= self.total:
             log.info("step %d/%d %.2f it/s %s", step, self.total, rate, info)

@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +23,7 @@ from asyndgan.algorithm import GeneratorTrainer, LossTerm, StepOutcome
 from asyndgan.rpc import TlsConfig, make_channel
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
+from asyndgan.v1 import tensor_pb2
 
 __all__ = [
     "IncompatibleSites",
@@ -59,6 +60,11 @@ class StepObserver(Protocol):
     def on_rpc(self, site: str, method: str, seconds: float, code: str) -> None: ...
     def on_bytes(self, site: str, direction: str, wire: int, payload: int) -> None: ...
     def on_drop(self, site: str, reason: str) -> None: ...
+    def on_step(
+        self, seconds: float, outcome: StepOutcome | None, active: int, site_losses: Mapping[str, Sequence[LossTerm]]
+    ) -> None:
+        """After each step attempt: its duration, outcome (None: no site could take part), sites that counted,
+        and each site's last loss terms."""
 
 
 class NullObserver:
@@ -69,6 +75,11 @@ class NullObserver:
         pass
 
     def on_drop(self, site: str, reason: str) -> None:
+        pass
+
+    def on_step(
+        self, seconds: float, outcome: StepOutcome | None, active: int, site_losses: Mapping[str, Sequence[LossTerm]]
+    ) -> None:
         pass
 
 
@@ -157,7 +168,7 @@ class Orchestrator:
                 return result
         raise AssertionError("unreachable")
 
-    def _count(self, link: SiteLink, direction: str, msg: Any, tensors: Sequence[pb.Tensor]) -> None:
+    def _count(self, link: SiteLink, direction: str, msg: Any, tensors: Sequence[tensor_pb2.Tensor]) -> None:
         wire = msg.ByteSize()
         payload = sum(codec.raw_nbytes(t) for t in tensors)
         if direction == "sent":
