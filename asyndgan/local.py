@@ -16,7 +16,7 @@ from asyndgan.algorithm import Batch, GeneratorTrainer, LossTerm, SiteTrainer, T
 from asyndgan.data import SiteData
 from asyndgan.io import write_json_atomic
 from asyndgan.nets import NetConfig
-from asyndgan.report import Progress, heldout_l1, samples_png
+from asyndgan.report import Progress, heldout_l1, samples_png, steady_seconds
 
 __all__ = ["LocalResult", "LocalRun", "evaluate_heldout", "sample_rows", "train_local", "union_modalities"]
 
@@ -115,10 +115,13 @@ def train_local(
             (st.step(b, p, modalities), st.last_losses) for st, b, p in zip(site_trainers, batches, parts, strict=True)
         ]
 
+    step_seconds = []
     for it in range(1, run.iterations + 1):
+        t = time.perf_counter()
         outcome = gen.step([b.labels for b in batches], sizes, exchange)
         g_loss = outcome.generator_loss
         batches = [st.next_batch() for st in site_trainers]
+        step_seconds.append(time.perf_counter() - t)
         progress.update(it, g_loss=g_loss)
     seconds = time.perf_counter() - start
     l1_end = evaluate_heldout(gen, heldout, run.eval_samples) if heldout else math.nan
@@ -130,6 +133,7 @@ def train_local(
         "modalities": list(modalities),
         "seconds": round(seconds, 3),
         "seconds_per_step": round(seconds / max(run.iterations, 1), 4),
+        "seconds_per_step_steady": round(steady_seconds(step_seconds), 4),
         "generator_loss": g_loss,
         "l1_heldout_start": l1_start,
         "l1_heldout": l1_end,

@@ -16,7 +16,9 @@ from PIL import Image, ImageDraw
 
 from asyndgan.io import write_bytes_atomic
 
-__all__ = ["Progress", "heldout_l1", "label_rgb", "samples_png"]
+__all__ = ["Progress", "heldout_l1", "label_rgb", "samples_png", "steady_seconds"]
+
+WARMUP_STEPS = 3
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,12 @@ def heldout_l1(
         total += float((fake - real).abs().sum())
         count += real.numel()
     return total / max(count, 1)
+
+
+def steady_seconds(step_seconds: Sequence[float]) -> float:
+    """Mean seconds per step after the first ``WARMUP_STEPS`` (lazy init, allocator warm-up)."""
+    tail = list(step_seconds[WARMUP_STEPS:]) or list(step_seconds)
+    return sum(tail) / len(tail) if tail else float("nan")
 
 
 def samples_png(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray]]], scale: int = 2) -> None:
