@@ -7,6 +7,7 @@ Sizes are flags, so a quick run (``--quick``) and the full run share one code pa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from asyndgan import codec
@@ -60,7 +62,7 @@ def bench_codecs(size: int, batch: int, repeat: int) -> list[dict[str, Any]]:
     for name, x in payloads.items():
         raw = x.numel() * (1 if x.dtype == torch.uint8 else 4)
         arr = x.numpy()
-        memcpy = _best_of(lambda arr=arr: arr.copy(), repeat)
+        memcpy = _best_of(functools.partial(np.copy, arr), repeat)
         rows.append(
             {
                 "tensor": name,
@@ -73,8 +75,8 @@ def bench_codecs(size: int, batch: int, repeat: int) -> list[dict[str, Any]]:
         )
         for spec in LABEL_CODECS if x.dtype == torch.uint8 else CODECS:
             msg = codec.encode(x, spec)
-            enc = _best_of(lambda x=x, spec=spec: codec.encode(x, spec), repeat)
-            dec = _best_of(lambda msg=msg: codec.decode(msg), repeat)
+            enc = _best_of(functools.partial(codec.encode, x, spec), repeat)
+            dec = _best_of(functools.partial(codec.decode, msg), repeat)
             y = codec.decode(msg)
             err = float(torch.linalg.vector_norm(y.float() - x.float()) / torch.linalg.vector_norm(x.float()))
             rows.append(
