@@ -6,7 +6,7 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +101,56 @@ def stop_event_on_signals() -> threading.Event:
     return event
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return _Malformed()
+
+    return parse
+
+
+def _reject(request: Any, context: grpc.ServicerContext) -> None:
+    if isinstance(request, _Malformed):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+
+
+class RejectMalformed(grpc.ServerInterceptor):
+    """Unparseable request bytes get INVALID_ARGUMENT (grpcio's default would be INTERNAL)."""
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        h = continuation(details)
+        if h is None or h.request_deserializer is None:
+            return h
+        des, ser = _tolerant(h.request_deserializer), h.response_serializer
+        if h.unary_unary or h.unary_stream:
+            inner = h.unary_unary or h.unary_stream
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                _reject(request, context)
+                return inner(request, context)
+
+            factory = grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.unary_stream_rpc_method_handler
+            return factory(unary, des, ser)
+        inner = h.stream_unary or h.stream_stream
+
+        def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            def checked() -> Iterator[Any]:
+                for request in requests:
+                    _reject(request, context)
+                    yield request
+
+            return inner(checked(), context)
+
+        factory = grpc.stream_unary_rpc_method_handler if h.stream_unary else grpc.stream_stream_rpc_method_handler
+        return factory(streaming, des, ser)
+
+
 def make_server(
     listen: str,
     register: Callable[[grpc.Server], None],
@@ -114,7 +164,7 @@ def make_server(
     """Start a server on ``listen`` (HOST:PORT, port 0 = any) with health and reflection; NOT_SERVING."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=list(interceptors),
+        interceptors=[*interceptors, RejectMalformed()],
         options=_options(max_message),
         maximum_concurrent_rpcs=workers * 4,
     )

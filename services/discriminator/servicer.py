@@ -27,9 +27,13 @@ class DiscriminatorServicer(pb_grpc.DiscriminatorServicer):
         # Nothing larger than a batch of MAX_CHANNELS-channel images is ever decoded.
         self.limits = codec.Limits(max_elements=d.batch_size * MAX_CHANNELS * d.height * d.width)
 
-    def _batch(self, batch: Batch, label_codec: str) -> pb.ConditionBatch:
-        c = codec.Codec.parse(label_codec) if label_codec else codec.LABEL_CODEC
-        return pb.ConditionBatch(batch_id=batch.id, labels=codec.encode(batch.labels, c))
+    @staticmethod
+    def _codec(spec: str, default: codec.Codec) -> codec.Codec:
+        return codec.Codec.parse(spec) if spec else default
+
+    @staticmethod
+    def _batch(batch: Batch, label_codec: codec.Codec) -> pb.ConditionBatch:
+        return pb.ConditionBatch(batch_id=batch.id, labels=codec.encode(batch.labels, label_codec))
 
     @translate_errors
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.SiteInfo:
@@ -47,11 +51,14 @@ class DiscriminatorServicer(pb_grpc.DiscriminatorServicer):
 
     @translate_errors
     def NextBatch(self, request: pb.BatchRequest, context: grpc.ServicerContext) -> pb.ConditionBatch:
-        return self._batch(self.site.next_batch(), request.label_codec)
+        label_codec = self._codec(request.label_codec, codec.LABEL_CODEC)
+        return self._batch(self.site.next_batch(), label_codec)
 
     @translate_errors
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
-        grad_codec = codec.Codec.parse(request.grad_codec) if request.grad_codec else codec.IMAGE_CODEC
+        # Everything is validated before the site trains: a refused request changes nothing.
+        grad_codec = self._codec(request.grad_codec, codec.IMAGE_CODEC)
+        label_codec = self._codec(request.label_codec, codec.LABEL_CODEC)
         if not request.HasField("fakes"):
             raise ValueError("fakes missing")
         fakes = codec.decode(request.fakes, self.limits)
@@ -60,7 +67,7 @@ class DiscriminatorServicer(pb_grpc.DiscriminatorServicer):
             batch_id=request.batch_id,
             grad=codec.encode(result.grad, grad_codec),
             losses=losses_to_proto(result.losses),
-            next=self._batch(result.next, request.label_codec),
+            next=self._batch(result.next, label_codec),
         )
 
     @translate_errors

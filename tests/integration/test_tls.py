@@ -1,0 +1,78 @@
+"""Mutual TLS: only clients with a certificate from the site's CA get in, and the generator only talks to
+a site whose certificate names that site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from asyndgan.certs import init_ca, issue
+from asyndgan.rpc import TlsConfig, make_channel
+from asyndgan.services.generator.service import GeneratorService
+from asyndgan.v1 import discriminator_pb2 as pb
+from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
+from tests.integration.cluster import generator_config, start_sites, stop_sites
+
+
+def tls_for(directory: Path, name: str) -> TlsConfig:
+    return TlsConfig(directory / f"{name}.pem", directory / f"{name}.key", directory / "ca.pem")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    good, other = tmp_path_factory.mktemp("ca"), tmp_path_factory.mktemp("other-ca")
+    init_ca(good)
+    init_ca(other)
+    for name in ("site-0", "site-1", "generator"):
+        issue(good, name)
+    issue(other, "generator")
+    return good, other
+
+
+def describe(port: int, tls: TlsConfig | None, name: str = "site-0") -> pb.SiteInfo:
+    channel = make_channel(f"127.0.0.1:{port}", tls=tls, server_name=name if tls else None)
+    try:
+        return pb_grpc.DiscriminatorStub(channel).Describe(pb.DescribeRequest(), timeout=5)
+    finally:
+        channel.close()
+
+
+def test_mutual_tls_trains_and_refuses_strangers(tmp_path: Path, pki: tuple[Path, Path]) -> None:
+    good, other = pki
+    sites = start_sites(1, tmp_path, tls=tls_for(good, "site-0"))
+    port = sites[0][1].port
+    try:
+        assert describe(port, tls_for(good, "generator")).site_id == "site-0"
+        with pytest.raises(grpc.RpcError) as plain:
+            describe(port, None)
+        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as stranger:
+            describe(port, tls_for(other, "generator"))
+        assert stranger.value.code() == grpc.StatusCode.UNAVAILABLE
+        svc = GeneratorService(generator_config(sites, tmp_path, 2, "bf16+zstd", tls=tls_for(good, "generator")))
+        try:
+            svc.train()
+            assert svc.gen.steps == 2
+        finally:
+            svc.stop(grace=0)
+    finally:
+        stop_sites(sites)
+
+
+def test_site_with_another_sites_certificate_is_refused(tmp_path: Path, pki: tuple[Path, Path]) -> None:
+    good, _ = pki
+    # The server at "site-0"'s address presents site-1's certificate (same CA): impersonation.
+    sites = start_sites(1, tmp_path, tls=tls_for(good, "site-1"))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            describe(sites[0][1].port, tls_for(good, "generator"), name="site-0")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        cfg = generator_config(
+            sites, tmp_path, 1, tls=tls_for(good, "generator"), orchestrator={"connect_deadline_s": 3.0}
+        )
+        with pytest.raises(ConnectionError, match="site-0"):
+            GeneratorService(cfg)
+    finally:
+        stop_sites(sites)
