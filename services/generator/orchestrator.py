@@ -152,15 +152,16 @@ class Orchestrator:
 
     # -- calls ---------------------------------------------------------------------------------------
 
-    def _call(self, link: SiteLink, method: str, fn: Callable[[], T]) -> T:
+    def _call(self, link: SiteLink, method: str, fn: Callable[[], T], retries: int | None = None) -> T:
         """One unary call; retries only UNAVAILABLE, with exponential backoff and jitter."""
-        for attempt in range(self.cfg.retries + 1):
+        retries = self.cfg.retries if retries is None else retries
+        for attempt in range(retries + 1):
             start = time.perf_counter()
             try:
                 result = fn()
             except grpc.RpcError as e:
                 self.observer.on_rpc(link.name, method, time.perf_counter() - start, e.code().name)
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.cfg.retries:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
                     raise
                 time.sleep(self.cfg.backoff_s * (2**attempt) * (0.5 + random.random()))
             else:
@@ -229,7 +230,13 @@ class Orchestrator:
             return
         try:
             req = pb.BatchRequest(label_codec=self.cfg.label_codec)
-            reply = self._call(link, "NextBatch", lambda: link.stub.NextBatch(req, timeout=self.cfg.step_deadline_s))
+            # A site that is down gets one try per step, so it does not slow the others down.
+            reply = self._call(
+                link,
+                "NextBatch",
+                lambda: link.stub.NextBatch(req, timeout=self.cfg.step_deadline_s),
+                retries=self.cfg.retries if link.active else 0,
+            )
             self._count(link, "received", reply, [reply.labels])
             self._take_batch(link, reply)
             if not link.active:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from asyndgan import codec
 from asyndgan.data import load_site
 from asyndgan.local import LocalRun, train_local
 from asyndgan.services.generator.service import GeneratorService
@@ -176,6 +178,43 @@ def test_multimodality_site_lacking_t2(tmp_path: Path) -> None:
             images, names = client.synthesize(labels, batch_size=2)
         assert names == ["t1", "t2"] and images.shape == (5, 2, SIZE, SIZE)
         assert float(abs(images[:, 1] - images[:, 0]).mean()) > 0  # a distinct T2 channel
+    finally:
+        svc.stop(grace=0)
+        stop_sites(sites)
+
+
+class PoisonGradient(grpc.ServerInterceptor):
+    """A compromised or broken site: replaces its gradient with ``value`` everywhere."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if not details.method.endswith("/Step") or handler is None:
+            return handler
+        inner = handler.unary_unary
+
+        def poison(request: Any, context: grpc.ServicerContext) -> Any:
+            reply = inner(request, context)
+            shape = tuple(reply.grad.shape)
+            reply.grad.CopyFrom(codec.encode(torch.full(shape, self.value), "f32"))
+            return reply
+
+        return grpc.unary_unary_rpc_method_handler(poison, handler.request_deserializer, handler.response_serializer)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e6])
+def test_one_bad_site_cannot_poison_g(tmp_path: Path, value: float) -> None:
+    sites = start_sites(2, tmp_path, interceptors={1: (PoisonGradient(value),)})
+    svc = GeneratorService(generator_config(sites, tmp_path, 3, "bf16+zstd", max_grad_norm=1e3))
+    try:
+        svc.train()
+        bad = next(s for s in svc.status().sites if s.site_id == "site-1")
+        good = next(s for s in svc.status().sites if s.site_id == "site-0")
+        assert bad.steps_dropped == 3 and bad.steps_contributed == 0 and bad.last_error == "bad_gradient"
+        assert good.steps_contributed == 3 and svc.gen.steps == 3
+        assert all(bool(torch.isfinite(p).all()) for p in svc.gen.G.parameters())
     finally:
         svc.stop(grace=0)
         stop_sites(sites)
