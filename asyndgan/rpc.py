@@ -68,6 +68,14 @@ def _options(max_message: int) -> list[tuple[str, Any]]:
     ]
 
 
+# A restarted site is noticed within seconds (gRPC's default reconnect backoff grows to 2 minutes).
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
+
+
 @dataclass
 class Server:
     """A started gRPC server with its health servicer and bound port."""
@@ -195,7 +203,7 @@ def make_channel(
     max_message: int = MAX_MESSAGE_BYTES,
 ) -> grpc.Channel:
     """A channel to ``target``; with TLS, the server certificate must name ``server_name``."""
-    options = _options(max_message)
+    options = _options(max_message) + _RECONNECT
     if tls is None:
         return grpc.insecure_channel(target, options=options)
     cert, key, ca = tls.read()
