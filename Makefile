@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup protos check-protos demo train-local test test-fast lint format bench clean
+
+.PHONY: system-deps setup protos check-protos demo train-local test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +28,10 @@ demo: setup
 train-local: setup
 	$(PY) -m asyndgan.cli train-local --sites 3 --out runs/local
 
-test: setup
+system-deps:
+	bash scripts/system_deps.sh
+
+test: setup system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

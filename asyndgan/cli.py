@@ -11,12 +11,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.nets import DISCRIMINATORS, GENERATORS, NetConfig
 from asyndgan.rpc import TlsConfig
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from asyndgan.metrics import MetricsHttpServer
 
 log = logging.getLogger("asyndgan")
 
@@ -128,6 +134,35 @@ def parse_site(value: str) -> tuple[str, str]:
     return name, address
 
 
+def add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Prometheus metrics (see docs/observability.md)")
+    port = env("metrics_port")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(port) if port else None,
+        help="serve /metrics on this port (0 = any free port; default: no metrics)",
+    )
+    g.add_argument(
+        "--metrics-host", default=env("metrics_host", "127.0.0.1"), help="address for /metrics (0.0.0.0 in a pod)"
+    )
+    g.add_argument("--metrics-port-file", default=None, help="write the bound metrics port here (for port 0)")
+
+
+def start_metrics(a: argparse.Namespace, service: str) -> tuple[CollectorRegistry | None, MetricsHttpServer | None]:
+    """A fresh registry served on ``--metrics-port``, or (None, None) when metrics are off."""
+    from asyndgan.io import write_bytes_atomic
+    from asyndgan.metrics import make_registry, start_metrics_http
+
+    if a.metrics_port is None:
+        return None, None
+    registry = make_registry(service)
+    http = start_metrics_http(a.metrics_port, registry, a.metrics_host)
+    if a.metrics_port_file:
+        write_bytes_atomic(Path(a.metrics_port_file), str(http.port).encode())
+    return registry, http
+
+
 def cmd_discriminator(a: argparse.Namespace) -> int:
     from asyndgan.rpc import stop_event_on_signals
     from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
@@ -148,10 +183,13 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
         device=a.device,
     )
     stop = stop_event_on_signals()
-    site, server = start_discriminator(cfg)
+    registry, metrics_http = start_metrics(a, "discriminator")
+    site, server = start_discriminator(cfg, registry=registry)
     stop.wait()
     server.stop(grace=a.grace)
     site.checkpoint()
+    if metrics_http is not None:
+        metrics_http.close()
     log.info("stopped cleanly after %d steps", site.steps)
     return 0
 
@@ -185,9 +223,17 @@ def cmd_generator(a: argparse.Namespace) -> int:
         device=a.device,
     )
     stop = stop_event_on_signals()
-    service = GeneratorService(cfg)
+    registry, metrics_http = start_metrics(a, "generator")
+    service = GeneratorService(cfg, registry=registry)
     try:
         summary = service.train(stop)
+        if registry is not None and a.out:
+            from prometheus_client import generate_latest
+
+            from asyndgan.io import write_bytes_atomic
+
+            # The final values, next to summary.json (a scrape may miss the last steps of a short run).
+            write_bytes_atomic(Path(a.out) / "metrics.prom", generate_latest(registry))
         log.info(
             "trained to step %d in %.1f s; wire %.2f MB sent / %.2f MB received; held-out L1 %.4f",
             summary["iterations"],
@@ -201,6 +247,8 @@ def cmd_generator(a: argparse.Namespace) -> int:
             stop.wait()
     finally:
         service.stop(grace=a.grace)
+        if metrics_http is not None:
+            metrics_http.close()
     return 0
 
 
@@ -218,6 +266,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
             modalities=a.modalities,
             missing=a.missing,
             codec=a.codec,
+            generator_threads=a.generator_threads,
+            site_threads=a.site_threads,
+            metrics=a.metrics,
         )
     )
     wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
@@ -264,6 +315,18 @@ def cmd_synthesize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(a: argparse.Namespace) -> int:
+    from asyndgan.certs import init_ca, issue
+
+    if a.certs_command == "init":
+        log.info("created %s", init_ca(Path(a.dir)))
+    else:
+        for name in a.names:
+            cert, key = issue(Path(a.dir), name, tuple(a.host or ()))
+            log.info("issued %s and %s", cert, key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyndgan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--port-file", help="write the bound port here (for port 0)")
-    p.add_argument("--metrics-port", type=int, default=None)
+    add_metrics_flags(p)
     p.add_argument("--grace", type=float, default=10.0, help="seconds for in-flight calls at shutdown")
     p.add_argument("--device", default=env("device", "cpu"))
     add_model_flags(p)
@@ -308,11 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file")
     p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds a site has per step")
-    p.add_argument("--max-grad-norm", type=float, default=float("inf"))
+    p.add_argument("--max-grad-norm", type=float, default=1e3, help="drop a site gradient above this L2 norm")
     p.add_argument("--out", help="write summary.json and samples.png here")
     p.add_argument("--heldout", help="held-out data spec for evaluation (L1)")
     p.add_argument("--serve", action="store_true", help="keep serving Synthesize after training")
-    p.add_argument("--metrics-port", type=int, default=None)
+    add_metrics_flags(p)
     p.add_argument("--grace", type=float, default=5.0)
     p.add_argument("--device", default=env("device", "cpu"))
     add_model_flags(p)
@@ -329,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", default="t1", help="e.g. t1,t2 for the multi-modality variant")
     p.add_argument("--missing", default="", help="SITE:MODALITY a site lacks, e.g. hospital-0:t2")
     p.add_argument("--codec", default="")
+    p.add_argument("--generator-threads", type=int, default=0, help="torch threads of the generator (0 = all)")
+    p.add_argument("--site-threads", type=int, default=1, help="torch threads of each discriminator process")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="give every process a /metrics port (listed in OUT/run/metrics.json; final values in OUT/metrics.prom)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_demo)
 
@@ -342,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_flags(p)
     add_common(p)
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("certs", help="development CA and certificates for mutual TLS")
+    certs = p.add_subparsers(dest="certs_command", required=True)
+    c = certs.add_parser("init", help="create ca.pem / ca.key")
+    c.add_argument("--dir", default="certs")
+    add_common(c)
+    c.set_defaults(func=cmd_certs)
+    c = certs.add_parser("issue", help="issue NAME.pem / NAME.key (NAME = site id or 'generator')")
+    c.add_argument("names", nargs="+")
+    c.add_argument("--dir", default="certs")
+    c.add_argument("--host", action="append", help="extra DNS name or IP for the certificate")
+    add_common(c)
+    c.set_defaults(func=cmd_certs)
     return parser
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from asyndgan.algorithm import site_seed
+from asyndgan.io import write_json_atomic
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -36,6 +37,7 @@ class DemoConfig:
     site_threads: int = 1
     codec: str = ""
     extra_generator_args: tuple[str, ...] = ()
+    metrics: bool = False  # every process serves /metrics on a free port: run/metrics/NAME.port, run/metrics.json
 
     def validate(self) -> None:
         if not 1 <= self.sites <= 16:
@@ -72,6 +74,27 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+def _metrics_args(cfg: DemoConfig, run_dir: Path, name: str) -> list[str]:
+    if not cfg.metrics:
+        return []
+    return ["--metrics-port", "0", "--metrics-port-file", str(run_dir / "metrics" / f"{name}.port")]
+
+
+def _write_metrics_targets(run_dir: Path, names: list[str]) -> None:
+    """run/metrics.json (name -> /metrics URL) and run/prometheus.yml, a scrape config for these processes."""
+    ports = {n: int((run_dir / "metrics" / f"{n}.port").read_text()) for n in names}
+    urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in ports.items()}
+    write_json_atomic(run_dir / "metrics.json", urls)
+    jobs = {"asyndgan-generator": ["generator"], "asyndgan-discriminator": [n for n in names if n != "generator"]}
+    lines = ["global:", "  scrape_interval: 1s", "  scrape_timeout: 1s", "scrape_configs:"]
+    for job, members in jobs.items():
+        lines += [f"  - job_name: {job}", "    static_configs:"]
+        for n in members:
+            lines += [f"      - targets: ['127.0.0.1:{ports[n]}']", f"        labels: {{name: {n}}}"]
+    (run_dir / "prometheus.yml").write_text("\n".join(lines) + "\n")
+    log.info("metrics endpoints: %s", ", ".join(f"{n}={u}" for n, u in urls.items()))
+
+
 def site_data_spec(cfg: DemoConfig, j: int) -> str:
     mods = cfg.modalities
     site_name = f"hospital-{j}"
@@ -87,9 +110,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cfg.validate()
     out = cfg.out
     run_dir = out / "run"
-    for sub in ("ports", "logs", "checkpoints"):
+    for sub in ("ports", "logs", "checkpoints", "metrics"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    for f in (run_dir / "ports").glob("*"):
+    for f in [*(run_dir / "ports").glob("*"), *(run_dir / "metrics").glob("*")]:
         f.unlink()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen[bytes]] = []
@@ -109,6 +132,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 "--batch-size", str(cfg.batch_size),
                 "--seed", str(site_seed(cfg.seed, j)),
                 "--threads", str(cfg.site_threads),
+                *_metrics_args(cfg, run_dir, name),
             )  # fmt: skip
             with open(log_file, "wb") as lf:
                 procs.append(subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env))
@@ -130,9 +154,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "--threads", str(cfg.generator_threads),
             *(["--codec", cfg.codec] if cfg.codec else []),
             *cfg.extra_generator_args,
+            *_metrics_args(cfg, run_dir, "generator"),
         )  # fmt: skip
         gen = subprocess.Popen(gen_args, env=env)
         procs.append(gen)
+        if cfg.metrics:
+            names = [name for name, _, _ in sites]
+            _wait_port(run_dir / "metrics" / "generator.port", gen, run_dir / "logs" / "generator.log")
+            _write_metrics_targets(run_dir, ["generator", *names])
         code = gen.wait()
         if code != 0:
             raise RuntimeError(f"generator exited with code {code}; site logs in {run_dir / 'logs'}")

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import load_site
 from asyndgan.io import write_bytes_atomic
+from asyndgan.metrics import GrpcServerMetrics, SiteCollector
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import Server, TlsConfig, make_server
 from asyndgan.services.discriminator.servicer import DiscriminatorServicer
@@ -51,10 +53,18 @@ class DiscriminatorConfig:
 
 
 def start_discriminator(
-    cfg: DiscriminatorConfig, interceptors: tuple[grpc.ServerInterceptor, ...] = ()
+    cfg: DiscriminatorConfig,
+    interceptors: tuple[grpc.ServerInterceptor, ...] = (),
+    *,
+    registry: CollectorRegistry | None = None,
 ) -> tuple[Site, Server]:
-    """Load data, build the site (resuming from its checkpoint), start serving; returns both."""
+    """Load data, build the site (resuming from its checkpoint), start serving; returns both.
+
+    With ``registry``, gRPC server metrics and the site's own step count and losses are registered on it.
+    The server reports SERVING only once data and model are loaded."""
     cfg.validate()
+    if registry is not None:
+        interceptors = (GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["Discriminator"]]), *interceptors)
     data = load_site(cfg.data, size=cfg.size)
     site = Site(
         cfg.site_id,
@@ -68,6 +78,8 @@ def start_discriminator(
     )
     if cfg.resume:
         site.restore()
+    if registry is not None:
+        registry.register(SiteCollector(site))
     server = make_server(
         cfg.listen,
         lambda s: pb_grpc.add_DiscriminatorServicer_to_server(DiscriminatorServicer(site), s),

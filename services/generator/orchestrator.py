@@ -260,6 +260,7 @@ class Orchestrator:
 
         def exchange(parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[LossTerm]] | None]:
             futures = []
+            finished: dict[str, float] = {}  # per-site completion time, whatever order we read them in
             for link, part in zip(links, parts, strict=True):
                 req = pb.StepRequest(
                     batch_id=link.batch_id,
@@ -270,19 +271,22 @@ class Orchestrator:
                     step=gen.steps,
                 )
                 self._count(link, "sent", req, [req.fakes])
-                futures.append((time.perf_counter(), link.stub.Step.future(req, timeout=self.cfg.step_deadline_s)))
+                fut = link.stub.Step.future(req, timeout=self.cfg.step_deadline_s)
+                fut.add_done_callback(lambda _f, name=link.name: finished.setdefault(name, time.perf_counter()))
+                futures.append((time.perf_counter(), fut))
             replies: list[tuple[torch.Tensor, list[LossTerm]] | None] = []
             for link, part, (start, fut) in zip(links, parts, futures, strict=True):
                 try:
                     reply = fut.result()
-                    self.observer.on_rpc(link.name, "Step", time.perf_counter() - start, "OK")
+                    self.observer.on_rpc(link.name, "Step", finished.get(link.name, time.perf_counter()) - start, "OK")
                     self._count(link, "received", reply, [reply.grad, reply.next.labels])
                     grad = codec.decode(reply.grad, codec.Limits(max_elements=max(part.numel(), 1)))
                     self._take_batch(link, reply.next)
                     link.last_losses = _losses(reply)
                     replies.append((grad, link.last_losses))
                 except grpc.RpcError as e:
-                    self.observer.on_rpc(link.name, "Step", time.perf_counter() - start, e.code().name)
+                    elapsed = finished.get(link.name, time.perf_counter()) - start
+                    self.observer.on_rpc(link.name, "Step", elapsed, e.code().name)
                     reason = {
                         grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
                         grpc.StatusCode.UNAVAILABLE: "unavailable",

@@ -10,15 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
 from asyndgan import codec
 from asyndgan.algorithm import GeneratorTrainer, TrainConfig
 from asyndgan.data import SiteData, load_site
 from asyndgan.io import load_checkpoint, save_checkpoint, write_bytes_atomic, write_json_atomic
 from asyndgan.local import evaluate_heldout, sample_rows
+from asyndgan.metrics import FanoutObserver, GeneratorMetrics, GrpcServerMetrics
 from asyndgan.nets import NetConfig
-from asyndgan.report import Progress, samples_png
+from asyndgan.report import Progress, samples_png, steady_seconds
 from asyndgan.rpc import Server, TlsConfig, make_server
 from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, StepObserver
 from asyndgan.services.generator.servicer import GeneratorServicer
@@ -49,7 +52,7 @@ class GeneratorConfig:
     heldout: str | None = None
     port_file: Path | None = None
     tls: TlsConfig | None = None
-    max_grad_norm: float = math.inf
+    max_grad_norm: float = 1e3  # a site gradient with a larger L2 norm is left out of the step
     device: str = "cpu"
     eval_samples: int = 64
 
@@ -67,9 +70,20 @@ class GeneratorConfig:
 class GeneratorService:
     """Build with :meth:`start` (dials sites, loads or creates G, starts the server); then :meth:`train`."""
 
-    def __init__(self, cfg: GeneratorConfig, observer: StepObserver | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GeneratorConfig,
+        observer: StepObserver | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """With ``registry``, training metrics and gRPC server metrics are registered on it."""
         cfg.validate()
         self.cfg = cfg
+        interceptors: tuple[grpc.ServerInterceptor, ...] = ()
+        if registry is not None:
+            metrics = GeneratorMetrics(registry, [name for name, _ in cfg.sites])
+            observer = FanoutObserver(observer, metrics) if observer is not None else metrics
+            interceptors = (GrpcServerMetrics(registry, [gpb.DESCRIPTOR.services_by_name["Generator"]]),)
         links = [SiteLink.dial(name, addr, cfg.tls) for name, addr in cfg.sites]
         self.orch = Orchestrator(links, cfg.orchestrator, observer)
         self.height, self.width, self.num_classes, self.modalities = self.orch.connect()
@@ -97,6 +111,7 @@ class GeneratorService:
             ),
             [gpb.DESCRIPTOR.services_by_name["Generator"].full_name],
             tls=cfg.tls,
+            interceptors=interceptors,
         )
         if cfg.port_file:
             write_bytes_atomic(cfg.port_file, str(self.server.port).encode())
@@ -146,15 +161,25 @@ class GeneratorService:
         start_step = self.gen.steps
         progress = Progress(target)
         self.training = True
+        self.step_seconds: list[float] = []
         t0 = time.perf_counter()
         try:
             while self.gen.steps < target and not stop.is_set():
+                step_start = time.perf_counter()
                 try:
                     outcome = self.orch.step(self.gen)
                 except ConnectionError as e:
+                    self.orch.observer.on_step(time.perf_counter() - step_start, None, 0, {})
                     log.warning("%s; retrying in %.0f s", e, RETRY_IDLE_S)
                     stop.wait(RETRY_IDLE_S)
                     continue
+                self.step_seconds.append(time.perf_counter() - step_start)
+                self.orch.observer.on_step(
+                    self.step_seconds[-1],
+                    outcome,
+                    sum(outcome.answered),
+                    {lk.name: lk.last_losses for lk in self.orch.links},
+                )
                 if not math.isnan(outcome.generator_loss):
                     self.generator_loss = outcome.generator_loss
                 if self.gen.steps % cfg.checkpoint_every == 0 and any(outcome.answered):
@@ -199,6 +224,7 @@ class GeneratorService:
             "modalities": list(self.modalities),
             "seconds": round(seconds, 3),
             "seconds_per_step": round(seconds / max(steps, 1), 4),
+            "seconds_per_step_steady": round(steady_seconds(self.step_seconds), 4),
             "wire_bytes_sent": sum(lk.wire_sent for lk in links),
             "wire_bytes_received": sum(lk.wire_received for lk in links),
             "payload_bytes_sent": sum(lk.payload_sent for lk in links),

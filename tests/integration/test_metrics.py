@@ -1,0 +1,599 @@
+"""Observability: /metrics of both services (promtool), a real Prometheus scraping a short training run, the Grafana
+dashboard's queries against it, health states, and agreement of the metrics with summary.json.
+
+promtool and prometheus come from the Debian package ``prometheus``; without them these tests fail (not skip).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from asyndgan import codec
+from asyndgan.algorithm import site_seed
+from asyndgan.clients.generator_client import GeneratorClient
+from asyndgan.metrics import DROP_REASONS, MetricsHttpServer, make_registry, start_metrics_http
+from asyndgan.rpc import Server
+from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
+from asyndgan.services.discriminator.site import Site
+from asyndgan.services.generator.service import GeneratorConfig, GeneratorService
+from asyndgan.v1 import discriminator_pb2 as dpb
+from asyndgan.v1 import discriminator_pb2_grpc as dpb_grpc
+from asyndgan.v1 import generator_pb2 as gpb
+from asyndgan.v1 import generator_pb2_grpc as gpb_grpc
+from tests.integration.cluster import BATCH, NET, TRAIN, site_spec
+
+pytestmark = pytest.mark.prometheus
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "asyndgan.json"
+SITES = ("hospital-0", "hospital-1")
+RATE_WINDOW = "1m"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"`{name}` is not on PATH: install the Debian package `prometheus` "
+            "(apt-get update && apt-get install -y prometheus). These tests do not skip.",
+            pytrace=False,
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        data: bytes = r.read()
+        return data
+
+
+# -- an in-process cluster with a registry per service ------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    sites: list[tuple[Site, Server, CollectorRegistry]]
+    gen: GeneratorService
+    registry: CollectorRegistry
+    http: list[MetricsHttpServer] = field(default_factory=list)
+
+    def serve_metrics(self) -> dict[str, int]:
+        """Start /metrics for every service; name -> port."""
+        regs = {"generator": self.registry, **{s.site_id: r for s, _, r in self.sites}}
+        ports = {}
+        for name, reg in regs.items():
+            h = start_metrics_http(0, reg, "127.0.0.1")
+            self.http.append(h)
+            ports[name] = h.port
+        return ports
+
+    def stop(self) -> None:
+        for h in self.http:
+            h.close()
+        self.gen.stop(grace=0)
+        for _, server, _ in self.sites:
+            server.stop(grace=0)
+
+
+def start_cluster(tmp: Path, iterations: int, out: Path | None = None) -> Cluster:
+    sites = []
+    for j, name in enumerate(SITES):
+        reg = make_registry("discriminator")
+        cfg = DiscriminatorConfig(
+            site_id=name,
+            data=site_spec(j, len(SITES)),
+            checkpoint_dir=tmp / name,
+            batch_size=BATCH,
+            seed=site_seed(0, j),
+            net=NET,
+            train=TRAIN,
+        )
+        site, server = start_discriminator(cfg, registry=reg)
+        sites.append((site, server, reg))
+    registry = make_registry("generator")
+    gcfg = GeneratorConfig(
+        sites=tuple((s.site_id, f"127.0.0.1:{server.port}") for s, server, _ in sites),
+        iterations=iterations,
+        checkpoint_dir=tmp / "generator",
+        checkpoint_every=1000,
+        net=NET,
+        train=TRAIN,
+        out=out,
+    )
+    return Cluster(sites, GeneratorService(gcfg, registry=registry), registry)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, dict[str, Any]]]:
+    """Two sites and a generator, each with its own registry, after a short run (default bf16+zstd codec)."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("trained")
+    cluster = start_cluster(tmp, iterations=6, out=tmp / "out")
+    try:
+        cluster.gen.train()
+        summary = json.loads((tmp / "out" / "summary.json").read_text())
+        yield cluster, summary
+    finally:
+        cluster.stop()
+
+
+def value(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    v = reg.get_sample_value(name, labels)
+    assert v is not None, f"{name}{labels} missing"
+    return v
+
+
+# -- metrics agree with summary.json -------------------------------------------------------------------
+
+
+def test_summary_bytes_agree_with_metrics(trained: tuple[Cluster, dict[str, Any]]) -> None:
+    cluster, summary = trained
+    reg = cluster.registry
+    for s in summary["sites"]:
+        for direction in ("sent", "received"):
+            assert (
+                value(reg, "asyndgan_wire_bytes_total", site=s["name"], direction=direction)
+                == s[f"wire_bytes_{direction}"]
+            )
+    for kind in ("wire", "payload"):
+        for direction in ("sent", "received"):
+            total = sum(value(reg, f"asyndgan_{kind}_bytes_total", site=n, direction=direction) for n in SITES)
+            assert total == summary[f"{kind}_bytes_{direction}"] > 0
+            wire = sum(value(reg, "asyndgan_wire_bytes_total", site=n, direction=direction) for n in SITES)
+            assert wire <= total
+    steps = summary["steps_this_run"]
+    assert value(reg, "asyndgan_iterations_total") == steps == 6
+    assert value(reg, "asyndgan_step_duration_seconds_count") == steps
+    assert value(reg, "asyndgan_sites_active") == 2 == value(reg, "asyndgan_sites_configured")
+    assert value(reg, "asyndgan_loss", network="G", site="all", modality="", term="total") == pytest.approx(
+        summary["generator_loss"]
+    )
+    for site, _, site_reg in cluster.sites:
+        name = site.site_id
+        assert value(reg, "asyndgan_rpc_duration_seconds_count", site=name, method="Step") == steps
+        assert value(reg, "asyndgan_rpcs_total", site=name, method="Step", code="OK") == steps
+        for reason in DROP_REASONS:
+            assert value(reg, "asyndgan_site_dropped_total", site=name, reason=reason) == 0
+        # The site reports its own losses; the generator shows the same values from the replies.
+        assert value(site_reg, "asyndgan_site_steps_total", site=name) == steps
+        for t in site.last_losses:
+            labels = {"network": t.network, "site": name, "modality": t.modality, "term": t.term}
+            assert value(site_reg, "asyndgan_loss", **labels) == value(reg, "asyndgan_loss", **labels) == t.value
+
+
+def test_grpc_server_metrics_cover_unary_and_streaming_calls(trained: tuple[Cluster, dict[str, Any]]) -> None:
+    cluster, summary = trained
+    _, server, site_reg = cluster.sites[0]
+    unary = {"grpc_type": "unary", "grpc_service": "asyndgan.v1.Discriminator"}
+    steps = summary["steps_this_run"]
+    assert value(site_reg, "grpc_server_handled_total", grpc_method="Step", grpc_code="OK", **unary) == steps
+    assert value(site_reg, "grpc_server_handling_seconds_count", grpc_method="Step", **unary) == steps
+    assert value(site_reg, "grpc_server_msg_received_total", grpc_method="Step", **unary) == steps
+    # Methods never called exist from the start (at zero), as go-grpc-prometheus does it.
+    assert value(site_reg, "grpc_server_started_total", grpc_method="Status", **unary) == 0
+
+    # A failing unary call is counted with its status code.
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = dpb_grpc.DiscriminatorStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(dpb.StepRequest(batch_id=10**9), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # fakes missing
+        stub.Status(dpb.StatusRequest(), timeout=10)
+    assert value(site_reg, "grpc_server_handled_total", grpc_method="Step", grpc_code="INVALID_ARGUMENT", **unary) == 1
+    assert value(site_reg, "grpc_server_handled_total", grpc_method="Status", grpc_code="OK", **unary) == 1
+
+    # Bidirectional streaming (Synthesize): one call, messages counted both ways; an aborted stream too.
+    bidi = {"grpc_type": "bidi_stream", "grpc_service": "asyndgan.v1.Generator", "grpc_method": "Synthesize"}
+    reg = cluster.registry
+    with GeneratorClient(f"127.0.0.1:{cluster.gen.server.port}", timeout=30) as client:
+        images, _ = client.synthesize(np.zeros((5, 32, 32), np.uint8), batch_size=2)
+        assert images.shape == (5, 1, 32, 32)
+        with pytest.raises(grpc.RpcError):
+            client.synthesize(np.full((2, 32, 32), 200, np.uint8))  # label values out of range
+    assert value(reg, "grpc_server_started_total", **bidi) == 2
+    assert value(reg, "grpc_server_handled_total", grpc_code="OK", **bidi) == 1
+    assert value(reg, "grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **bidi) == 1
+    assert value(reg, "grpc_server_handling_seconds_count", **bidi) == 2
+    assert value(reg, "grpc_server_msg_received_total", **bidi) == 4  # 3 batches, then 1 bad one
+    assert value(reg, "grpc_server_msg_sent_total", **bidi) == 3
+
+    # A stream the client abandons half-way is recorded as CANCELLED once the call ends.
+    release = threading.Event()
+
+    def requests() -> Iterator[gpb.SynthesizeRequest]:
+        yield gpb.SynthesizeRequest(labels=codec.encode(torch.zeros(2, 32, 32, dtype=torch.uint8), codec.LABEL_CODEC))
+        release.wait(10)
+
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.gen.server.port}") as ch:
+        stream = gpb_grpc.GeneratorStub(ch).Synthesize(requests(), timeout=30)
+        next(stream)
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while reg.get_sample_value("grpc_server_handled_total", {**bidi, "grpc_code": "CANCELLED"}) != 1:
+            assert time.monotonic() < deadline, "cancelled stream not recorded"
+            time.sleep(0.05)
+        release.set()
+    assert value(reg, "grpc_server_started_total", **bidi) == 3
+    assert value(reg, "grpc_server_handling_seconds_count", **bidi) == 3
+
+
+def test_promtool_check_metrics_on_both_services(trained: tuple[Cluster, dict[str, Any]]) -> None:
+    promtool = tool("promtool")
+    cluster, _ = trained
+    ports = cluster.serve_metrics()
+    for name, port in ports.items():
+        text = http_get(f"http://127.0.0.1:{port}/metrics")
+        res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+        assert res.returncode == 0, f"{name}: {res.stdout.decode()} {res.stderr.decode()}"
+        names = {m.name for m in text_string_to_metric_families(text.decode())}
+        assert {"grpc_server_handled", "grpc_server_handling_seconds", "grpc_server_started"} <= names, name
+        assert {"asyndgan_build_info", "asyndgan_loss", "process_cpu_seconds"} <= names, name
+        if name == "generator":
+            assert {
+                "asyndgan_wire_bytes",
+                "asyndgan_payload_bytes",
+                "asyndgan_rpc_duration_seconds",
+                "asyndgan_step_duration_seconds",
+                "asyndgan_iterations",
+                "asyndgan_sites_active",
+                "asyndgan_site_dropped",
+            } <= names
+        else:
+            assert "asyndgan_site_steps" in names
+
+
+# -- health ----------------------------------------------------------------------------------------------
+
+
+def health_status(port: int, service: str = "") -> str:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def spy_port_file(monkeypatch: pytest.MonkeyPatch, module: str, seen: list[str]) -> None:
+    """When a service writes its port file (its port is now public), record what health says at that moment."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    real: Callable[[Path, bytes], None] = mod.write_bytes_atomic
+
+    def spy(path: Path, data: bytes) -> None:
+        real(path, data)
+        seen.append(health_status(int(data)))
+
+    monkeypatch.setattr(mod, "write_bytes_atomic", spy)
+
+
+def watch_until_not_serving(server: Server, service: str) -> list[str]:
+    """Watch health while the server shuts down gracefully; returns the statuses seen."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+        seen = [health_pb2.HealthCheckResponse.ServingStatus.Name(next(stream).status)]
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": 10.0})
+        stopper.start()
+        seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(next(stream).status))
+        stream.cancel()  # the last in-flight call; lets the graceful stop finish early
+        stopper.join(timeout=15)
+        assert not stopper.is_alive()
+    return seen
+
+
+def test_health_serving_only_when_loaded_and_not_serving_during_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site_seen: list[str] = []
+    gen_seen: list[str] = []
+    spy_port_file(monkeypatch, "asyndgan.services.discriminator.service", site_seen)
+    spy_port_file(monkeypatch, "asyndgan.services.generator.service", gen_seen)
+    cfg = DiscriminatorConfig(
+        site_id="hospital-0",
+        data=site_spec(0, 2),
+        batch_size=BATCH,
+        net=NET,
+        train=TRAIN,
+        port_file=tmp_path / "site.port",
+    )
+    _, server = start_discriminator(cfg)
+    gen = None
+    try:
+        # Reachable before it is ready: NOT_SERVING; SERVING once data and model are loaded.
+        assert site_seen == ["NOT_SERVING"]
+        assert health_status(server.port) == "SERVING"
+        assert health_status(server.port, "asyndgan.v1.Discriminator") == "SERVING"
+        gen = GeneratorService(
+            GeneratorConfig(
+                sites=(("hospital-0", f"127.0.0.1:{server.port}"),),
+                iterations=0,
+                checkpoint_dir=tmp_path / "g",
+                net=NET,
+                train=TRAIN,
+                port_file=tmp_path / "gen.port",
+            )
+        )
+        assert gen_seen == ["NOT_SERVING"]
+        assert health_status(gen.server.port, "asyndgan.v1.Generator") == "SERVING"
+        # Graceful shutdown: NOT_SERVING first, then the server drains and stops.
+        assert watch_until_not_serving(gen.server, "asyndgan.v1.Generator") == ["SERVING", "NOT_SERVING"]
+        assert watch_until_not_serving(server, "") == ["SERVING", "NOT_SERVING"]
+    finally:
+        if gen is not None:
+            gen.stop(grace=0)
+        server.stop(grace=0)
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    model: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return model
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title / refId, expr) for every query in the dashboard."""
+    return [(f"{p['title']} / {t['refId']}", t["expr"]) for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+def concrete(expr: str) -> str:
+    """What Grafana sends for this expr with site=All over a short range."""
+    out = expr.replace("$__rate_interval", RATE_WINDOW).replace("${site}", ".*").replace("$site", ".*")
+    assert "$" not in out, out
+    return out
+
+
+def test_dashboard_model_is_complete() -> None:
+    model = dashboard()
+    assert model["uid"] and model["title"] and model["schemaVersion"] >= 30
+    variables = {v["name"]: v for v in model["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    site = variables["site"]
+    assert site["type"] == "query" and site["multi"] and site["includeAll"] and site["allValue"] == ".*"
+    assert "label_values(" in site["query"]["query"] and ", site)" in site["query"]["query"]
+    ids = [p["id"] for p in model["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for p in model["panels"]:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["targets"], p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)) and all(t["expr"].strip() for t in p["targets"]), p["title"]
+    exprs = " ".join(e for _, e in dashboard_exprs())
+    for needle in (
+        "rate(asyndgan_wire_bytes_total",
+        "asyndgan_payload_bytes_total",
+        "histogram_quantile(0.5, sum by (le, site) (rate(asyndgan_rpc_duration_seconds_bucket",
+        "histogram_quantile(0.95, sum by (le, site) (rate(asyndgan_rpc_duration_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le, site) (rate(asyndgan_rpc_duration_seconds_bucket",
+        "asyndgan_step_duration_seconds",
+        "rate(asyndgan_iterations_total",
+        "asyndgan_loss",
+        "asyndgan_sites_active",
+        "asyndgan_site_dropped_total",
+        'site=~"$site"',
+        "[$__rate_interval]",
+    ):
+        assert needle in exprs, needle
+
+
+def test_dashboard_queries_pass_promtool_check_rules(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    rules = tmp_path / "dashboard.rules.yml"
+    lines = ["groups:", "  - name: asyndgan-dashboard", "    rules:"]
+    for i, (_, expr) in enumerate(dashboard_exprs()):
+        lines += [f"      - record: asyndgan:dashboard_query_{i}", f"        expr: {json.dumps(concrete(expr))}"]
+    rules.write_text("\n".join(lines) + "\n")
+    res = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{len(dashboard_exprs())} rules found" in res.stdout
+
+
+# -- a real Prometheus scraping a real training run -----------------------------------------------------
+
+
+class Prometheus:
+    """prometheus on 127.0.0.1 with a temp config and data dir, scraping every second."""
+
+    def __init__(self, tmp: Path, jobs: dict[str, list[int]]) -> None:
+        binary = tool("prometheus")
+        lines = ["global:", "  scrape_interval: 1s", "  scrape_timeout: 1s", "  evaluation_interval: 1s"]
+        lines.append("scrape_configs:")
+        for job, ports in jobs.items():
+            targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+            lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: [{targets}]"]
+        config = tmp / "prometheus.yml"
+        config.write_text("\n".join(lines) + "\n")
+        self.expected_targets = sum(len(p) for p in jobs.values())
+        self.log = tmp / "prometheus.log"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
+        body = json.loads(http_get(url))
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.api("/api/v1/query", query=expr)["result"]
+        return result
+
+    def wait(self, what: str, ok: Callable[[], bool], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"prometheus exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if ok():
+                    return
+            except (OSError, ValueError):
+                pass  # not listening yet
+            time.sleep(0.25)
+        pytest.fail(f"prometheus: {what} within {timeout:.0f} s; log: {self.log.read_text()[-2000:]}")
+
+    def all_targets_up(self) -> bool:
+        targets = self.api("/api/v1/targets")["activeTargets"]
+        return len(targets) == self.expected_targets and all(t["health"] == "up" for t in targets)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def by_site(result: list[dict[str, Any]], *labels: str) -> dict[tuple[str, ...], float]:
+    return {tuple(r["metric"].get(k, "") for k in labels): float(r["value"][1]) for r in result}
+
+
+def test_prometheus_scrapes_training_and_dashboard_returns_data(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    iterations = 20
+    cluster = start_cluster(tmp_path, iterations, out=tmp_path / "out")
+    prom = None
+    try:
+        ports = cluster.serve_metrics()
+        prom = Prometheus(
+            tmp_path,
+            {
+                "asyndgan-generator": [ports["generator"]],
+                "asyndgan-discriminator": [ports[n] for n in SITES],
+            },
+        )
+        prom.wait("all targets up", prom.all_targets_up)
+        # Training starts only after a first scrape, so every counter has a sample from before it.
+        summary = cluster.gen.train()
+        prom.wait(
+            "the final step scraped",
+            lambda: (r := prom.query("asyndgan_iterations_total")) != [] and float(r[0]["value"][1]) == iterations,
+        )
+
+        # Per-site bytes in both directions, fewer on the wire than raw, and equal to summary.json.
+        wire = by_site(prom.query("asyndgan_wire_bytes_total"), "site", "direction")
+        payload = by_site(prom.query("asyndgan_payload_bytes_total"), "site", "direction")
+        assert set(wire) == set(payload) == {(s, d) for s in SITES for d in ("sent", "received")}
+        for key in wire:
+            assert 0 < wire[key] < payload[key], key
+        for s in summary["sites"]:
+            assert wire[(s["name"], "sent")] == s["wire_bytes_sent"]
+            assert wire[(s["name"], "received")] == s["wire_bytes_received"]
+
+        # Latency quantiles per site, from the histogram.
+        for q in (0.5, 0.95, 0.99):
+            expr = (
+                f"histogram_quantile({q}, sum by (le, site) "
+                f'(rate(asyndgan_rpc_duration_seconds_bucket{{method="Step"}}[{RATE_WINDOW}])))'
+            )
+            lat = by_site(prom.query(expr), "site")
+            assert set(lat) == {(s,) for s in SITES}, expr
+            assert all(0 < v < 60 for v in lat.values()), (expr, lat)
+
+        # Every dashboard query returns data from this Prometheus.
+        empty = [f"{title}: {concrete(e)}" for title, e in dashboard_exprs() if not prom.query(concrete(e))]
+        assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+        ratio = prom.query(concrete(next(e for t, e in dashboard_exprs() if t.startswith("Compression ratio"))))
+        assert all(float(r["value"][1]) > 1 for r in ratio), ratio
+        rate = prom.query(f"sum(rate(asyndgan_iterations_total[{RATE_WINDOW}]))")
+        assert float(rate[0]["value"][1]) > 0
+        step = prom.query(
+            f"histogram_quantile(0.5, sum by (le) (rate(asyndgan_step_duration_seconds_bucket[{RATE_WINDOW}])))"
+        )
+        assert 0 < float(step[0]["value"][1]) < 60
+        losses = by_site(prom.query('asyndgan_loss{network="D"}'), "job", "site", "term")
+        for job in ("asyndgan-generator", "asyndgan-discriminator"):
+            assert {(job, s, t) for s in SITES for t in ("real", "fake")} <= set(losses), losses
+            assert all(math.isfinite(v) for v in losses.values())
+    finally:
+        if prom is not None:
+            prom.stop()
+        cluster.stop()
+
+
+# -- the demo: summary.json and the metrics agree --------------------------------------------------------
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.e2e
+def test_demo_with_metrics_agrees_with_summary(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    out = tmp_path / "demo"
+    res = subprocess.run(
+        [sys.executable, "-m", "asyndgan.cli", "demo", "--sites", "2", "--iterations", "3", "--size", "32",
+         "--batch-size", "4", "--out", str(out), "--metrics"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families((out / "metrics.prom").read_text()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+    def metric(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    for s in summary["sites"]:
+        for d in ("sent", "received"):
+            assert metric("asyndgan_wire_bytes_total", site=s["name"], direction=d) == s[f"wire_bytes_{d}"] > 0
+    for kind in ("wire", "payload"):
+        for d in ("sent", "received"):
+            total = sum(metric(f"asyndgan_{kind}_bytes_total", site=s["name"], direction=d) for s in summary["sites"])
+            assert total == summary[f"{kind}_bytes_{d}"]
+    assert metric("asyndgan_iterations_total") == summary["iterations"] == 3
+
+    # Every process had its own metrics port, recorded in the run dir, and closed it on exit.
+    urls = json.loads((out / "run" / "metrics.json").read_text())
+    assert set(urls) == {"generator", "hospital-0", "hospital-1"}
+    for name, url in urls.items():
+        port = int((out / "run" / "metrics" / f"{name}.port").read_text())
+        assert url == f"http://127.0.0.1:{port}/metrics"
+        assert port_closed(port), name
+    check = subprocess.run(
+        [promtool, "check", "config", str(out / "run" / "prometheus.yml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
