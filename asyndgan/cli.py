@@ -269,6 +269,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             generator_threads=a.generator_threads,
             site_threads=a.site_threads,
             metrics=a.metrics,
+            tls=a.tls,
         )
     )
     wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--modalities", default="t1", help="e.g. t1,t2 for the multi-modality variant")
     p.add_argument("--missing", default="", help="SITE:MODALITY a site lacks, e.g. hospital-0:t2")
+    p.add_argument("--tls", action="store_true", help="mutual TLS with a development CA (in OUT/run/certs)")
     p.add_argument("--codec", default="")
     p.add_argument("--generator-threads", type=int, default=0, help="torch threads of the generator (0 = all)")
     p.add_argument("--site-threads", type=int, default=1, help="torch threads of each discriminator process")

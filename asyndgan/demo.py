@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ class DemoConfig:
     codec: str = ""
     extra_generator_args: tuple[str, ...] = ()
     metrics: bool = False  # every process serves /metrics on a free port: run/metrics/NAME.port, run/metrics.json
+    tls: bool = False  # mutual TLS with a development CA made in run/certs
 
     def validate(self) -> None:
         if not 1 <= self.sites <= 16:
@@ -95,6 +97,24 @@ def _write_metrics_targets(run_dir: Path, names: list[str]) -> None:
     log.info("metrics endpoints: %s", ", ".join(f"{n}={u}" for n, u in urls.items()))
 
 
+def _tls_args(cfg: DemoConfig, run_dir: Path, name: str) -> list[str]:
+    if not cfg.tls:
+        return []
+    d = run_dir / "certs"
+    return ["--tls-cert", str(d / f"{name}.pem"), "--tls-key", str(d / f"{name}.key"), "--tls-ca", str(d / "ca.pem")]
+
+
+def _make_certs(run_dir: Path, names: list[str]) -> None:
+    from asyndgan.certs import init_ca, issue
+
+    d = run_dir / "certs"
+    if not (d / "ca.pem").exists():
+        init_ca(d)
+    for name in names:
+        issue(d, name)
+    log.info("mutual TLS: development CA and certificates for %s in %s", ", ".join(names), d)
+
+
 def site_data_spec(cfg: DemoConfig, j: int) -> str:
     mods = cfg.modalities
     site_name = f"hospital-{j}"
@@ -114,6 +134,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     for f in [*(run_dir / "ports").glob("*"), *(run_dir / "metrics").glob("*")]:
         f.unlink()
+    shutil.rmtree(run_dir / "checkpoints")  # a demo starts fresh; `generator --resume` is for real runs
+    if cfg.tls:
+        _make_certs(run_dir, ["generator", *(f"hospital-{j}" for j in range(cfg.sites))])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -133,6 +156,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 "--seed", str(site_seed(cfg.seed, j)),
                 "--threads", str(cfg.site_threads),
                 *_metrics_args(cfg, run_dir, name),
+                *_tls_args(cfg, run_dir, name),
             )  # fmt: skip
             with open(log_file, "wb") as lf:
                 procs.append(subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env))
@@ -155,6 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             *(["--codec", cfg.codec] if cfg.codec else []),
             *cfg.extra_generator_args,
             *_metrics_args(cfg, run_dir, "generator"),
+            *_tls_args(cfg, run_dir, "generator"),
         )  # fmt: skip
         gen = subprocess.Popen(gen_args, env=env)
         procs.append(gen)

@@ -136,3 +136,14 @@ def test_cli_errors_are_one_readable_line(args: list[str], needle: str) -> None:
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert needle in last and "Traceback" not in res.stderr
+
+
+def test_demo_with_mutual_tls_trains(tmp_path: Path) -> None:
+    out = tmp_path / "tls"
+    res = run(
+        "demo", "--sites", "2", "--iterations", "3", "--size", "32", "--batch-size", "4", "--tls", "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 3 and all(s["steps_contributed"] == 3 for s in summary["sites"])
+    assert (out / "run" / "certs" / "hospital-1.pem").exists()
