@@ -51,3 +51,18 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: helm-lint docker-smoke
+
+# Static checks of the Helm chart and the Dockerfile (installs helm, kubernetes-validate, hadolint into .tools/).
+helm-lint: setup
+	PY=$(PY) bash scripts/helm_lint.sh
+
+# Builds both images on a private Docker daemon and trains a few steps with them (root; ~6 min from scratch).
+docker-smoke: setup
+	VENV=$(VENV) bash scripts/docker_smoke.sh
+
+# Segmentation evaluation (easy + hard settings, memorisation audit) -> results/eval.{json,md,png}; docs/evaluation.md
+.PHONY: eval
+eval: setup
+	$(PY) -m asyndgan.cli eval --out results

@@ -346,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_local)
 
     p = sub.add_parser("discriminator", help="serve one hospital's discriminator")
-    p.add_argument("--site-id", required=True, default=env("site_id"))
-    p.add_argument("--data", required=True, default=env("data"), help="site data spec (see docs/data.md)")
+    p.add_argument("--site-id", required=env("site_id") is None, default=env("site_id"))
+    p.add_argument(
+        "--data", required=env("data") is None, default=env("data"), help="site data spec (see docs/data.md)"
+    )
     p.add_argument("--listen", default=env("listen", "127.0.0.1:50061"), help="HOST:PORT (port 0 = any)")
     p.add_argument("--checkpoint-dir", default=env("checkpoint_dir"))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
@@ -427,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--host", action="append", help="extra DNS name or IP for the certificate")
     add_common(c)
     c.set_defaults(func=cmd_certs)
+
+    from asyndgan.evaluate import add_eval_flags, cmd_eval
+
+    p = sub.add_parser("eval", help="segmentation from synthetic vs real data, memorisation audit (docs/evaluation.md)")
+    add_eval_flags(p)
+    p.add_argument("--threads", type=int, default=int(env("threads", "2") or 2), help="torch threads in all")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=lambda a: cmd_eval(a, ["asyndgan", *sys.argv[1:]]))
     return parser
 
 

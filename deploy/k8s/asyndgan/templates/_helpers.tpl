@@ -1,0 +1,113 @@
+{{/* Names ------------------------------------------------------------------------------------------------- */}}
+{{- define "asyndgan.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "asyndgan.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "asyndgan.role" -}}
+{{- if not (has .Values.role (list "generator" "discriminator")) }}
+{{- fail (printf "role must be generator or discriminator, not %q" (toString .Values.role)) }}
+{{- end }}
+{{- .Values.role }}
+{{- end }}
+
+{{- define "asyndgan.isGenerator" -}}
+{{- if eq (include "asyndgan.role" .) "generator" }}true{{ end }}
+{{- end }}
+
+{{- define "asyndgan.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "asyndgan.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: {{ include "asyndgan.role" . }}
+{{- end }}
+
+{{- define "asyndgan.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "asyndgan.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: asyndgan
+{{- if not (include "asyndgan.isGenerator" .) }}
+asyndgan.io/site: {{ required "discriminator.siteId is required for role=discriminator" .Values.discriminator.siteId | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "asyndgan.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "asyndgan.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Ports, image, TLS ------------------------------------------------------------------------------------ */}}
+{{- define "asyndgan.grpcPort" -}}
+{{- if .Values.service.port }}{{ .Values.service.port }}{{ else if include "asyndgan.isGenerator" . }}50051{{ else }}50061{{ end }}
+{{- end }}
+
+{{- define "asyndgan.image" -}}
+{{- $repo := default (printf "asyndgan-%s" (include "asyndgan.role" .)) .Values.image.repository }}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "asyndgan.tlsDir" -}}/etc/asyndgan/tls{{- end }}
+
+{{/* The name in the certificate this service presents: the generator dials each site by its site id; the
+     generator's own certificate is "generator" by the project's convention (asyndgan certs issue generator). */}}
+{{- define "asyndgan.tlsServerName" -}}
+{{- if .Values.tls.serverName }}{{ .Values.tls.serverName }}
+{{- else if include "asyndgan.isGenerator" . }}generator
+{{- else }}{{ .Values.discriminator.siteId }}{{ end }}
+{{- end }}
+
+{{- define "asyndgan.tlsArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert={{ include "asyndgan.tlsDir" . }}/tls.crt
+- --tls-key={{ include "asyndgan.tlsDir" . }}/tls.key
+- --tls-ca={{ include "asyndgan.tlsDir" . }}/ca.crt
+{{- end }}
+{{- end }}
+
+{{/* Probes: kubelet's native grpc probe is plaintext only; with mutual TLS use the in-image exec check. */}}
+{{- define "asyndgan.probeMode" -}}
+{{- $mode := .Values.probes.mode | default "auto" }}
+{{- if eq $mode "auto" }}{{ if .Values.tls.enabled }}exec{{ else }}grpc{{ end }}
+{{- else if and (eq $mode "grpc") .Values.tls.enabled }}
+{{- fail "probes.mode=grpc with tls.enabled: the kubelet's grpc probe speaks plaintext only (use auto, exec or tcp)" }}
+{{- else if has $mode (list "grpc" "exec" "tcp") }}{{ $mode }}
+{{- else }}{{ fail (printf "probes.mode must be auto, grpc, exec or tcp, not %q" $mode) }}{{ end }}
+{{- end }}
+
+{{- define "asyndgan.probeAction" -}}
+{{- $mode := include "asyndgan.probeMode" . }}
+{{- $port := include "asyndgan.grpcPort" . | int }}
+{{- if eq $mode "grpc" }}
+grpc:
+  port: {{ $port }}
+{{- else if eq $mode "exec" }}
+exec:
+  command:
+    - /opt/asyndgan/bin/asyndgan-health
+    - --address=127.0.0.1:{{ $port }}
+    - --timeout={{ .Values.probes.execTimeoutSeconds }}
+    {{- if .Values.tls.enabled }}
+    - --server-name={{ include "asyndgan.tlsServerName" . }}
+    {{- include "asyndgan.tlsArgs" . | trim | nindent 4 }}
+    {{- end }}
+{{- else }}
+tcpSocket:
+  port: grpc
+{{- end }}
+{{- end }}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# make helm-lint: static checks of the Helm chart and the Dockerfile (no cluster, no network after tool install).
+#
+#   scripts/helm_lint.sh                    run all checks
+#   scripts/helm_lint.sh --sync-dashboard   copy deploy/grafana/asyndgan.json (canonical) into the chart, then exit
+#
+# 1. the chart's copy of the Grafana dashboard equals deploy/grafana/asyndgan.json (Helm cannot read outside the chart)
+# 2. hadolint on deploy/docker/Dockerfile
+# 3. helm lint --strict with each deploy/k8s/examples/*.yaml (values.schema.json applies)
+# 4. helm template per example -> kubernetes-validate --strict against the oldest supported and the newest schemas
+# 5. cross-reference checks on the rendered manifests, and the container args parsed by the real asyndgan CLI
+# 6. values that must be refused are refused; helm package works
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+CHART=deploy/k8s/asyndgan
+CANONICAL=deploy/grafana/asyndgan.json
+COPY=$CHART/dashboards/asyndgan.json
+PY=${PY:-.venv/bin/python}
+# Oldest Kubernetes the chart supports (native grpc probes are GA in 1.27) and the newest schemas bundled.
+KUBE_VERSIONS=${KUBE_VERSIONS:-1.27.0 1.37.0}
+# CRDs without a bundled schema: checked by check_rendered.py instead.
+CRD_KINDS='ServiceMonitor'
+log() { echo "[helm-lint +$(($(date +%s) - T0))s] $*"; }
+die() { echo "[helm-lint] FAIL: $*" >&2; exit 1; }
+
+if [[ ${1:-} == --sync-dashboard ]]; then
+    cp "$CANONICAL" "$COPY"
+    echo "copied $CANONICAL -> $COPY"
+    exit 0
+fi
+
+scripts/install_tools.sh helm kubernetes-validate hadolint
+HELM=.tools/bin/helm KV=.tools/bin/kubernetes-validate TOOLS_PY=.tools/venv/bin/python
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/asyndgan-helm.XXXXXX")
+trap 'rm -rf "$OUT"' EXIT
+
+# 1
+[[ -f $CANONICAL ]] || die "$CANONICAL is missing"
+cmp -s "$CANONICAL" "$COPY" || die "$COPY differs from $CANONICAL: run scripts/helm_lint.sh --sync-dashboard"
+log "dashboard copy in the chart matches $CANONICAL"
+
+# 2
+.tools/bin/hadolint deploy/docker/Dockerfile
+log "hadolint: deploy/docker/Dockerfile clean"
+
+# 3 + 4
+examples=(deploy/k8s/examples/*.yaml)
+for ex in "${examples[@]}"; do
+    name=$(basename "$ex" .yaml)
+    "$HELM" lint --strict --quiet "$CHART" -f "$ex" >"$OUT/lint-$name.txt" 2>&1 || { cat "$OUT/lint-$name.txt" >&2; die "helm lint $ex"; }
+    "$HELM" template "$name" "$CHART" -f "$ex" --namespace "asyndgan-$name" >"$OUT/$name.yaml"
+done
+log "helm lint --strict + helm template: ${#examples[@]} examples"
+for v in $KUBE_VERSIONS; do
+    "$KV" --strict -k "$v" "$OUT"/*.yaml >"$OUT/kv-$v.txt" 2>&1 || { cat "$OUT/kv-$v.txt" >&2; die "kubernetes-validate $v"; }
+    # A resource without a schema is only a warning for kubernetes-validate; here only the known CRDs may lack one.
+    if grep -v 'INFO' "$OUT/kv-$v.txt" | grep -vE "Couldn't find schema for kind ($CRD_KINDS) " | grep -q .; then
+        grep -v 'INFO' "$OUT/kv-$v.txt" >&2
+        die "kubernetes-validate $v: unexpected warnings"
+    fi
+    log "kubernetes-validate --strict -k $v: $(grep -c 'passed for resource' "$OUT/kv-$v.txt") resources passed"
+done
+
+# 5
+"$TOOLS_PY" deploy/k8s/check_rendered.py manifests "$OUT/args.json" "$OUT"/*.yaml
+"$PY" deploy/k8s/check_rendered.py cli-args "$OUT/args.json"
+
+# 6: each of these must make `helm template` fail, with a message that names the problem
+refuse() {  # refuse WHY EXPECTED-MESSAGE-REGEX ARGS...
+    local why=$1 expect=$2
+    shift 2
+    if "$HELM" template bad "$CHART" "$@" >/dev/null 2>"$OUT/refuse.txt"; then die "accepted: $why"; fi
+    grep -qE "$expect" "$OUT/refuse.txt" || { cat "$OUT/refuse.txt" >&2; die "refused for another reason: $why"; }
+    refused=$((refused + 1))
+}
+refused=0
+d=(--set role=discriminator --set discriminator.siteId=h --set "discriminator.data.spec=embedded:icbm152?site=0&of=3")
+"$HELM" template ok "$CHART" "${d[@]}" >/dev/null || die "minimal discriminator values refused"
+refuse "no role" "/role" --set role=
+refuse "discriminator without siteId" "/discriminator/siteId" \
+    --set role=discriminator --set discriminator.data.spec=npz:/data/x.npz
+refuse "discriminator without data" "/discriminator/data/spec" --set role=discriminator --set discriminator.siteId=h
+refuse "generator without sites" "/generator/sites" --set role=generator
+refuse "misspelt key" "'discriminater' not allowed" "${d[@]}" --set discriminater.siteId=h
+refuse "TLS without secret" "needs tls.secretName" "${d[@]}" --set tls.enabled=true
+refuse "both data sources" "existingClaim or hostPath, not both" "${d[@]}" \
+    --set discriminator.data.existingClaim=p --set discriminator.data.hostPath=/x
+refuse "site without port" "/generator/sites/0/address" \
+    --set role=generator --set 'generator.sites[0].name=a' --set 'generator.sites[0].address=a'
+refuse "bad probe mode" "/probes/mode" "${d[@]}" --set probes.mode=http
+refuse "grpc probe on a TLS port" "plaintext only" "${d[@]}" --set tls.enabled=true --set tls.secretName=s \
+    --set probes.mode=grpc
+refuse "Kubernetes older than 1.27" "kubeVersion" "${d[@]}" --kube-version 1.26.0
+log "$refused invalid value sets refused, each for its reason"
+"$HELM" package "$CHART" -d "$OUT" >/dev/null
+log "helm package: $(cd "$OUT" && ls ./*.tgz | xargs -n1 basename)"
+log "PASS in $(($(date +%s) - T0)) s"
