@@ -270,6 +270,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             site_threads=a.site_threads,
             metrics=a.metrics,
             tls=a.tls,
+            omp_wait_policy=a.omp_wait_policy,
         )
     )
     wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", default="t1", help="e.g. t1,t2 for the multi-modality variant")
     p.add_argument("--missing", default="", help="SITE:MODALITY a site lacks, e.g. hospital-0:t2")
     p.add_argument("--tls", action="store_true", help="mutual TLS with a development CA (in OUT/run/certs)")
+    p.add_argument(
+        "--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the processes (PASSIVE, ACTIVE, default)"
+    )
     p.add_argument("--codec", default="")
     p.add_argument("--generator-threads", type=int, default=0, help="torch threads of the generator (0 = all)")
     p.add_argument("--site-threads", type=int, default=1, help="torch threads of each discriminator process")
