@@ -1,0 +1,196 @@
+"""A small U-Net segmenter (image -> class logits) and Dice, for the evaluation (``asyndgan.evaluate``).
+
+The segmenter is the measuring instrument of the paper's claim: the same network, trained with the same
+seeded schedule on different training sets (real, synthetic, mixed), is scored on held-out *real* slices.
+Training draws batches with :class:`asyndgan.algorithm.BatchSampler` (seeded; flip and shift applied to
+label map and image together), loss = cross-entropy + ``dice_weight`` x soft Dice over the foreground classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from asyndgan.algorithm import BatchSampler
+from asyndgan.data import SiteData
+
+__all__ = [
+    "SegConfig",
+    "SegUNet",
+    "class_weights",
+    "dice_per_class",
+    "evaluate_dice",
+    "predict",
+    "soft_dice_loss",
+    "train_segmenter",
+]
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Segmenter size and training schedule (the same for every training set it is compared on)."""
+
+    base: int = 8  # channels at full resolution; doubled per level
+    depth: int = 3  # resolution levels (2 halvings at depth 3)
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 3e-3
+    dice_weight: float = 1.0
+    flip: bool = True
+    max_shift: int = 4
+    crop: int = 0  # train on random crop x crop patches (0 = whole slices); evaluation always uses whole slices
+    norm: str = "batch"  # "batch", "group" (GroupNorm, 4 channels per group) or "instance"
+    class_weighting: bool = True  # cross-entropy weights 1/sqrt(class frequency in the training set), mean 1
+
+    def validate(self) -> None:
+        if self.base < 1 or self.depth < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("segmenter base, depth, steps and batch_size must be >= 1")
+        if not self.lr > 0 or self.dice_weight < 0 or self.max_shift < 0 or self.crop < 0:
+            raise ValueError("segmenter lr must be > 0, dice_weight, max_shift and crop >= 0")
+        if self.norm not in _NORMS:
+            raise ValueError(f"unknown segmenter norm {self.norm!r}; choose one of {sorted(_NORMS)}")
+
+
+_NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    "group": lambda c: nn.GroupNorm(max(1, c // 4), c),
+    "instance": lambda c: nn.InstanceNorm2d(c, affine=True),
+}
+
+
+def _double_conv(cin: int, cout: int, norm: str) -> nn.Sequential:
+    nl = _NORMS[norm]
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nl(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nl(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SegUNet(nn.Module):
+    """Plain U-Net: ``depth`` levels of two 3x3 conv-BN-ReLU, max-pool down, transposed-conv up, skips."""
+
+    def __init__(self, in_ch: int, num_classes: int, base: int = 8, depth: int = 3, norm: str = "batch") -> None:
+        super().__init__()
+        chans = [base * 2**i for i in range(depth)]
+        self.down = nn.ModuleList()
+        prev = in_ch
+        for c in chans:
+            self.down.append(_double_conv(prev, c, norm))
+            prev = c
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for c in reversed(chans[:-1]):
+            self.up.append(nn.ConvTranspose2d(prev, c, 2, stride=2))
+            self.merge.append(_double_conv(2 * c, c, norm))
+            prev = c
+        self.head = nn.Conv2d(prev, num_classes, 1)
+        self.halvings = depth - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2**self.halvings
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:  # any input size: pad to a multiple of 2**halvings, crop the logits back
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < len(self.down) - 1:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        for up, merge in zip(self.up, self.merge, strict=True):
+            x = merge(torch.cat([skips.pop(), up(x)], 1))
+        return self.head(x)[..., :h, :w]
+
+
+def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over foreground classes 1..K-1 (batch-level sums)."""
+    prob = logits.softmax(1)[:, 1:]
+    target = F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2)[:, 1:].to(prob.dtype)
+    inter = (prob * target).sum((0, 2, 3))
+    total = prob.sum((0, 2, 3)) + target.sum((0, 2, 3))
+    return 1 - ((2 * inter + eps) / (total + eps)).mean()
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """1 / sqrt(frequency) per class (absent classes get the largest weight seen), normalised to mean 1."""
+    counts = np.bincount(labels.ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
+    freq = counts / counts.sum()
+    w = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1e-12)), 0.0)
+    w[freq == 0] = w.max() if w.max() > 0 else 1.0
+    return torch.from_numpy(w / w.mean()).float()
+
+
+def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, seed: int) -> SegUNet:
+    """Train a fresh :class:`SegUNet` on ``data`` (image channels ``channels``) for ``cfg.steps`` Adam steps.
+
+    Seeded: the same (data, channels, cfg, seed) gives the same network (on one thread count).
+    """
+    cfg.validate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SegUNet(len(channels), data.num_classes, cfg.base, cfg.depth, cfg.norm)
+    sampler = BatchSampler(data, cfg.batch_size, seed, flip=cfg.flip, max_shift=cfg.max_shift)
+    weight = class_weights(data.labels, data.num_classes) if cfg.class_weighting else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
+    chan = list(channels)
+    crop_rng = np.random.Generator(np.random.PCG64(seed + 1))
+    h, w = data.labels.shape[1:]
+    model.train()
+    for _ in range(cfg.steps):
+        batch = sampler.next()
+        x = batch.real[:, chan]
+        y = batch.labels.long()
+        if cfg.crop and (cfg.crop < h or cfg.crop < w):
+            ch, cw = min(cfg.crop, h), min(cfg.crop, w)
+            oy = crop_rng.integers(0, h - ch + 1, size=len(y))
+            ox = crop_rng.integers(0, w - cw + 1, size=len(y))
+            x = torch.stack([x[i, :, a : a + ch, b : b + cw] for i, (a, b) in enumerate(zip(oy, ox, strict=True))])
+            y = torch.stack([y[i, a : a + ch, b : b + cw] for i, (a, b) in enumerate(zip(oy, ox, strict=True))])
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, weight=weight)
+        if cfg.dice_weight:
+            loss = loss + cfg.dice_weight * soft_dice_loss(logits, y, data.num_classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """(N, C, H, W) float images -> (N, H, W) uint8 predicted classes."""
+    model.eval()
+    out = [
+        model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))).argmax(1).to(torch.uint8)
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).numpy()
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dataset-level Dice for classes 1..K-1: 2|P∩T| / (|P| + |T|) over all slices; 1.0 where both are empty."""
+    out = np.empty(num_classes - 1, dtype=np.float64)
+    for k in range(1, num_classes):
+        p, t = pred == k, truth == k
+        denom = int(p.sum()) + int(t.sum())
+        out[k - 1] = 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+def evaluate_dice(model: nn.Module, data: SiteData, channels: Sequence[int]) -> np.ndarray:
+    """Dice per foreground class of ``model`` on ``data`` (held-out real slices)."""
+    pred = predict(model, data.images[:, list(channels)])
+    return dice_per_class(pred, data.labels, data.num_classes)

@@ -1,0 +1,62 @@
+"""Smoke tests for ``asyndgan.bench``: the structure of its results at tiny sizes, never its timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from asyndgan import bench
+
+
+def test_scaling_section_structure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        code = bench.main(
+            [
+                "--out",
+                str(out),
+                "--sections",
+                "scaling",
+                "--scaling-sites",
+                "1,2",
+                "--scaling-delay",
+                "0.05",
+                "--scaling-steps",
+                "2",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    res = json.loads(out.read_text())
+    rows = res["scaling"]["rows"]
+    assert [r["sites"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["seconds_per_step"] >= 0.05  # every step waited for the emulated sites' delay
+        assert {"p90_seconds", "generator_compute_s", "overhead_s", "ratio_to_n1"} <= r.keys()
+    assert rows[0]["ratio_to_n1"] == 1.0
+    assert [t["target"] for t in res["targets"]] == ["step time N=2 / N=1"]
+    md = out.with_suffix(".md").read_text()
+    assert "Orchestration" in md and "| sites |" in md
+
+
+def test_bytes_section_and_plot(tmp_path: Path) -> None:
+    res = bench.bench_bytes(size=32, batch=2, sites=2, steps=1, threads=torch.get_num_threads())
+    schemes = [r["scheme"] for r in res["rows"]]
+    assert len(schemes) == 3 and schemes[0].startswith("raw") and schemes[2].startswith("FedAvg")
+    raw = res["per_step"]["raw"]
+    # raw float32 = fakes + gradients (float32) + label maps (uint8), 2 sites x batch 2 x 32 x 32
+    assert raw == 2 * 2 * 32 * 32 * (4 + 4 + 1)
+    assert 0 < res["wire_to_raw"] < 1
+    assert res["generator_params"] > 0 and res["discriminator_params_per_site"] > 0
+    fed = res["rows"][2]
+    fed_bytes = 2 * 2 * (res["generator_params"] + res["discriminator_params_per_site"]) * 4  # down+up, 2 sites
+    assert fed["MB_per_epoch"] * 1e6 == pytest.approx(fed_bytes)
+    png = tmp_path / "bytes.png"
+    bench.bytes_png(png, [res])
+    assert Image.open(png).size[0] > 0
