@@ -52,6 +52,10 @@ def test_quick_evaluation_writes_report(tmp_path: Path) -> None:
             assert "share_nearest_is_own_source_l2" in groups["synthetic_training_labels"]
             assert 0.0 <= groups["synthetic_heldout_labels"]["share_nearer_a_training_image_than_own_l2"] <= 1.0
             assert "p50" in groups["synthetic_heldout_labels"]["own_ssim"]
+            tr = groups["synthetic_training_labels"]
+            assert tr["share_nearer_a_training_image_than_own_l2"] == pytest.approx(
+                1 - tr["share_nearest_is_own_source_l2"]
+            )
     md = (tmp_path / "eval.md").read_text()
     assert "(c) >= 0.98 x (a)" in md and "Memorisation" in md
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
