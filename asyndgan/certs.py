@@ -27,8 +27,7 @@ _VALID_DAYS = 365
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    write_bytes_atomic(path, pem)
-    path.chmod(0o600)
+    write_bytes_atomic(path, pem, mode=0o600)
 
 
 def init_ca(directory: Path, name: str = "asyndgan dev CA") -> Path:
