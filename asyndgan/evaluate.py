@@ -41,10 +41,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
 
-from asyndgan.algorithm import Batch, GeneratorTrainer, LossTerm, SiteTrainer, TrainConfig, site_seed
+from asyndgan.algorithm import Batch, GeneratorTrainer, LossTerm, TrainConfig
 from asyndgan.data import DataError, SiteData, load_site
 from asyndgan.io import write_bytes_atomic, write_json_atomic
-from asyndgan.local import LocalRun, union_modalities
+from asyndgan.local import LocalRun, build_trainers
 from asyndgan.nets import NetConfig
 from asyndgan.report import label_rgb
 from asyndgan.segment import SegConfig, evaluate_dice, train_segmenter
@@ -274,21 +274,8 @@ def train_generator(
     """Exactly :func:`asyndgan.local.train_local`'s loop (same trainers, seeds and batch order, so G after k
     steps equals ``train_local(iterations=k)`` bit for bit), calling ``on_snapshot(step, train_seconds, gen)``
     after each step listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks."""
-    modalities = union_modalities(sites)
-    num_classes = sites[0].num_classes
-    if any(s.num_classes != num_classes for s in sites):
-        raise ValueError("sites disagree on the number of label classes")
-    site_trainers = [
-        SiteTrainer(s, net, train, batch_size=run.batch_size, seed=site_seed(run.seed, j)) for j, s in enumerate(sites)
-    ]
-    gen = GeneratorTrainer(
-        net,
-        train,
-        num_classes=num_classes,
-        modalities=modalities,
-        seed=run.seed,
-        image_size=min(sites[0].labels.shape[1:]),
-    )
+    site_trainers, gen = build_trainers(sites, net, train, run)
+    modalities = gen.modalities
     sizes = [len(s) for s in sites]
     batches: list[Batch] = [st.next_batch() for st in site_trainers]
 

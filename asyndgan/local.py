@@ -79,15 +79,10 @@ def sample_rows(
     return rows
 
 
-def train_local(
-    sites: list[SiteData],
-    heldout: SiteData | None,
-    net: NetConfig,
-    train: TrainConfig,
-    run: LocalRun,
-    out: Path | None,
-) -> LocalResult:
-    """Train G against all sites in one process; write samples.png and summary.json under ``out``."""
+def build_trainers(
+    sites: list[SiteData], net: NetConfig, train: TrainConfig, run: LocalRun
+) -> tuple[list[SiteTrainer], GeneratorTrainer]:
+    """The sites' trainers and G, seeded exactly as the distributed services seed them."""
     modalities = union_modalities(sites)
     num_classes = sites[0].num_classes
     if any(s.num_classes != num_classes for s in sites):
@@ -103,6 +98,20 @@ def train_local(
         seed=run.seed,
         image_size=min(sites[0].labels.shape[1:]),
     )
+    return site_trainers, gen
+
+
+def train_local(
+    sites: list[SiteData],
+    heldout: SiteData | None,
+    net: NetConfig,
+    train: TrainConfig,
+    run: LocalRun,
+    out: Path | None,
+) -> LocalResult:
+    """Train G against all sites in one process; write samples.png and summary.json under ``out``."""
+    site_trainers, gen = build_trainers(sites, net, train, run)
+    modalities = gen.modalities
     sizes = [len(s) for s in sites]
     l1_start = evaluate_heldout(gen, heldout, run.eval_samples) if heldout else math.nan
     batches: list[Batch] = [st.next_batch() for st in site_trainers]
