@@ -291,7 +291,11 @@ def _split_method(full: str) -> tuple[str, str]:
 
 
 class _Call:
-    """Bookkeeping of one server call: records exactly once, on completion, error or cancellation."""
+    """Bookkeeping of one server call: records exactly once, on completion, error or cancellation.
+
+    The code is the one the handler ended with, or CANCELLED when the client went away first. grpcio may show a
+    cancelled stream's handler a plain end of input; that call is then counted with the handler's own code.
+    """
 
     def __init__(self, metrics: GrpcServerMetrics, labels: tuple[str, str, str], context: grpc.ServicerContext):
         self.metrics, self.labels, self.context = metrics, labels, context
@@ -304,7 +308,11 @@ class _Call:
 
     def code(self, default: grpc.StatusCode) -> grpc.StatusCode:
         code = self.context.code()
-        return code if isinstance(code, grpc.StatusCode) else default
+        if isinstance(code, grpc.StatusCode):
+            return code
+        # A client that cancels makes grpcio's request iterator raise in the handler's thread, racing the
+        # termination callback: the call is still a cancelled one, not UNKNOWN.
+        return default if self.context.is_active() else grpc.StatusCode.CANCELLED
 
     def finish(self, code: grpc.StatusCode) -> None:
         with self.lock:
