@@ -85,7 +85,7 @@ class Setting:
     name: str
     description: str
     site_specs: tuple[str, ...]
-    heldout_spec: str | None  # None: cut a contiguous block out of every site (holdout_fraction, holdout_gap)
+    heldout_specs: tuple[str, ...]  # pooled; empty: cut a contiguous block out of every site (holdout_fraction, _gap)
     size: int | None = None
     gen_steps: int = 300
     gen_batch: int = 4  # per site per step; the centralised pix2pix draws gen_batch x n_sites per step
@@ -96,6 +96,7 @@ class Setting:
     seg: SegConfig = field(default_factory=SegConfig)
     holdout_fraction: float = 0.15
     holdout_gap: int = 4
+    shifted_specs: tuple[str, ...] = ()  # optional second test set from a domain no site has (Dice only)
 
     def validate(self) -> None:
         if not self.site_specs:
@@ -122,31 +123,36 @@ class EvalOptions:
     quick: bool = False
 
 
-def embedded_specs(of: int, size: int, orient: str | None) -> tuple[tuple[str, ...], str]:
+def embedded_setting(name: str, description: str, of: int, size: int, orient: str | None, **kw: Any) -> Setting:
+    """An embedded-data setting. Held-out: the held-out block imaged by every site's scanner, pooled (a test set
+    from the sites' own distribution); shifted: the same block from a reference scanner that no site has."""
     extra = f"&size={size}" + (f"&orient={orient}" if orient else "")
-    sites = tuple(f"{EMBEDDED}?site={j}&of={of}{extra}" for j in range(of))
-    return sites, f"{EMBEDDED}?split=heldout&of={of}{extra}"
+    return Setting(
+        name,
+        description,
+        tuple(f"{EMBEDDED}?site={j}&of={of}{extra}" for j in range(of)),
+        tuple(f"{EMBEDDED}?split=heldout&scanner={j}&of={of}{extra}" for j in range(of)),
+        shifted_specs=(f"{EMBEDDED}?split=heldout&scanner=reference&of={of}{extra}",),
+        **kw,
+    )
 
 
 def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
     """``easy`` (64 px, axial only) and ``hard`` (128 px, three orientations); ``quick`` shrinks both to 32 px."""
     if quick:
         seg = SegConfig(base=8, depth=2, steps=30, batch_size=8, lr=3e-3)
-        easy_s, easy_h = embedded_specs(sites, 32, "axial")
-        hard_s, hard_h = embedded_specs(sites, 32, None)
         common: dict[str, Any] = {"gen_steps": 4, "gen_batch": 2, "ngf": 8, "ndf": 8, "curve_points": 2, "seg": seg}
         return {
-            "easy": Setting("easy", "quick: 32 px, axial only", easy_s, easy_h, **common),
-            "hard": Setting("hard", "quick: 32 px, three orientations", hard_s, hard_h, **common),
+            "easy": embedded_setting("easy", "quick: 32 px, axial only", sites, 32, "axial", **common),
+            "hard": embedded_setting("hard", "quick: 32 px, three orientations", sites, 32, None, **common),
         }
-    easy_s, easy_h = embedded_specs(sites, 64, "axial")
-    hard_s, hard_h = embedded_specs(sites, 128, None)
     return {
-        "easy": Setting(
+        "easy": embedded_setting(
             "easy",
-            "64 px, axial slices only",
-            easy_s,
-            easy_h,
+            "64 px, axial slices only; held-out block imaged by every site's scanner",
+            sites,
+            64,
+            "axial",
             gen_steps=600,
             gen_batch=4,
             ngf=32,
@@ -154,11 +160,12 @@ def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
             curve_points=4,
             seg=SegConfig(),
         ),
-        "hard": Setting(
+        "hard": embedded_setting(
             "hard",
-            "128 px, axial + coronal + sagittal slices",
-            hard_s,
-            hard_h,
+            "128 px, axial + coronal + sagittal slices; held-out block imaged by every site's scanner",
+            sites,
+            128,
+            None,
             gen_steps=400,
             gen_batch=4,
             ngf=16,
@@ -227,19 +234,26 @@ class LoadedSetting:
     heldout: SiteData
     modalities: tuple[str, ...]
     num_classes: int
+    shifted: SiteData | None = None
+
+
+def _load_pooled(specs: Sequence[str], size: int | None, name: str) -> SiteData:
+    parts = [load_site(spec, size=size) for spec in specs]
+    mods = _common_modalities(parts)
+    return pool_sites([restrict(p, mods) for p in parts], name)
 
 
 def load_setting(s: Setting) -> LoadedSetting:
-    """Load and check a setting's sites and held-out set; keep only the modalities all of them hold."""
+    """Load and check a setting's sites and held-out set(s); keep only the modalities all of them hold."""
     raw = [load_site(spec, size=s.size) for spec in s.site_specs]
-    if s.heldout_spec:
-        held_raw = load_site(s.heldout_spec, size=s.size)
+    if s.heldout_specs:
+        held_raw = _load_pooled(s.heldout_specs, s.size, "heldout")
     else:
         cut = [split_contiguous(r, s.holdout_fraction, s.holdout_gap) for r in raw]
         raw = [c[0] for c in cut]
-        held_mods = _common_modalities([c[1] for c in cut])
-        held_raw = pool_sites([restrict(c[1], held_mods) for c in cut], "heldout")
-    everyone = [*raw, held_raw]
+        held_raw = pool_sites([restrict(c[1], _common_modalities([c[1] for c in cut])) for c in cut], "heldout")
+    shifted_raw = _load_pooled(s.shifted_specs, s.size, "shifted") if s.shifted_specs else None
+    everyone = [*raw, held_raw, *([shifted_raw] if shifted_raw is not None else [])]
     common = _common_modalities(everyone)
     num_classes = {d.num_classes for d in everyone}
     if len(num_classes) != 1:
@@ -249,7 +263,8 @@ def load_setting(s: Setting) -> LoadedSetting:
         raise DataError(f"sites and held-out set have different slice sizes {sorted(shapes)}; pass --size")
     sites = [restrict(r, common, f"hospital-{j}") for j, r in enumerate(raw)]
     heldout = restrict(held_raw, common, "heldout")
-    return LoadedSetting(sites, heldout, common, num_classes.pop())
+    shifted = restrict(shifted_raw, common, "shifted") if shifted_raw is not None else None
+    return LoadedSetting(sites, heldout, common, num_classes.pop(), shifted)
 
 
 def _common_modalities(data: Sequence[SiteData]) -> tuple[str, ...]:
@@ -534,6 +549,7 @@ class SegTask:
     train: SiteData
     heldout: SiteData
     cfg: SegConfig
+    shifted: SiteData | None = None
 
 
 def _init_worker(threads: int, log_level: int) -> None:
@@ -542,20 +558,23 @@ def _init_worker(threads: int, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
 
 
-def _seg_task(task: SegTask) -> list[float]:
+def _seg_task(task: SegTask) -> tuple[list[float], list[float] | None]:
+    """Train one segmenter; its Dice per class on the held-out set (and on the shifted set, if any)."""
     t = time.perf_counter()
     channels = list(range(len(task.train.modalities)))
     model = train_segmenter(task.train, channels, task.cfg, task.seed)
-    dice = evaluate_dice(model, task.heldout, channels)
+    dice = [float(d) for d in evaluate_dice(model, task.heldout, channels)]
+    shifted = [float(d) for d in evaluate_dice(model, task.shifted, channels)] if task.shifted is not None else None
     log.info(
-        "%s %s seed %d: Dice %s (%.1f s)",
+        "%s %s seed %d: Dice %s%s (%.1f s)",
         task.setting,
         task.condition,
         task.seed,
         " ".join(f"{d:.3f}" for d in dice),
+        f"; shifted {np.mean(shifted):.3f}" if shifted is not None else "",
         time.perf_counter() - t,
     )
-    return [float(d) for d in dice]
+    return dice, shifted
 
 
 def _pool(jobs: int, threads: int) -> cf.Executor | None:
@@ -573,9 +592,19 @@ def _ratio(x: float, y: float) -> float:
     return float(x) / float(y) if y > 0 else 0.0
 
 
-def _condition_entry(label: str, n_train: int, per_seed: list[list[float]], seeds: Sequence[int]) -> dict[str, Any]:
+def _condition_entry(
+    label: str, n_train: int, per_seed: list[list[float]], seeds: Sequence[int], shifted: list[list[float]] | None
+) -> dict[str, Any]:
     arr = np.asarray(per_seed, dtype=np.float64)  # (seeds, classes)
     means = arr.mean(1)
+    extra: dict[str, Any] = {}
+    if shifted is not None:
+        sm = np.asarray(shifted, dtype=np.float64).mean(1)
+        extra["shifted"] = {
+            "per_seed_mean": list(map(float, sm)),
+            "mean": float(sm.mean()),
+            "std": float(sm.std(ddof=1)) if len(sm) > 1 else 0.0,
+        }
     return {
         "label": label,
         "train_images": n_train,
@@ -587,6 +616,7 @@ def _condition_entry(label: str, n_train: int, per_seed: list[list[float]], seed
         "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
         "per_class_mean": list(map(float, arr.mean(0))),
         "per_class_std": list(map(float, arr.std(0, ddof=1))) if len(arr) > 1 else [0.0] * arr.shape[1],
+        **extra,
     }
 
 
@@ -660,7 +690,7 @@ def evaluate_setting(
             syn = _synthetic_sites(sites, g_async.synth_train[step], f"asyndgan{step}")
             conditions[f"c@{step}"] = (f"AsynDGAN synthetic after {step} G steps", pool_sites(syn))
     tasks = [
-        SegTask(setting.name, key, seed, train, heldout, setting.seg)
+        SegTask(setting.name, key, seed, train, heldout, setting.seg, None if "@" in key else data.shifted)
         for key, (_label, train) in conditions.items()
         for seed in opts.seeds
     ]
@@ -668,10 +698,13 @@ def evaluate_setting(
     results = list(pool.map(_seg_task, tasks)) if pool is not None else [_seg_task(t) for t in tasks]
     seg_wall = time.perf_counter() - t1
     by_key: dict[str, list[list[float]]] = {}
-    for task, res in zip(tasks, results, strict=True):
+    shifted_by_key: dict[str, list[list[float]]] = {}
+    for task, (res, shifted) in zip(tasks, results, strict=True):
         by_key.setdefault(task.condition, []).append(res)
+        if shifted is not None:
+            shifted_by_key.setdefault(task.condition, []).append(shifted)
     cond_json = {
-        key: _condition_entry(label, len(train), by_key[key], opts.seeds)
+        key: _condition_entry(label, len(train), by_key[key], opts.seeds, shifted_by_key.get(key))
         for key, (label, train) in conditions.items()
         if "@" not in key
     }
@@ -752,6 +785,7 @@ def evaluate_setting(
                 for s, spec in zip(sites, setting.site_specs, strict=True)
             ],
             "heldout_slices": len(heldout),
+            "shifted_slices": len(data.shifted) if data.shifted is not None else 0,
             "slice_size": list(heldout.labels.shape[1:]),
             "num_classes": data.num_classes,
             "modalities": list(data.modalities),
@@ -842,6 +876,11 @@ def _pm(d: dict[str, Any], digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
+def _heldout_note(cfg: dict[str, Any]) -> str:
+    n = len(cfg.get("heldout_specs") or ())
+    return f"pooled from {n} held-out spec(s)" if n else "a contiguous block cut from every site"
+
+
 def markdown_report(r: dict[str, Any]) -> str:
     """The tables of ``eval.md``."""
     lines = [
@@ -865,8 +904,8 @@ def markdown_report(r: dict[str, Any]) -> str:
             f"## Setting `{name}`: {s['description']}",
             "",
             f"Sites: {site_list}; held-out: "
-            f"{data['heldout_slices']} real slices; {'x'.join(map(str, data['slice_size']))} px; "
-            f"modalities {', '.join(data['modalities'])}.",
+            f"{data['heldout_slices']} real slices ({_heldout_note(cfg)}); "
+            f"{'x'.join(map(str, data['slice_size']))} px; modalities {', '.join(data['modalities'])}.",
             f"G: {cfg['generator']} ngf={cfg['ngf']}, D ndf={cfg['ndf']}, {cfg['gen_steps']} steps, batch "
             f"{cfg['gen_batch']} per site (centralised: {cfg['centralised_batch']}); AsynDGAN G trained "
             f"{s['generators']['asyndgan']['seconds']:.0f} s, centralised "
@@ -876,14 +915,26 @@ def markdown_report(r: dict[str, Any]) -> str:
             f"{seg['batch_size']}, lr {seg['lr']}, CE + {seg['dice_weight']} x soft Dice. Wall time: "
             f"{s['wall_seconds']['total']:.0f} s.",
             "",
-            f"| | training data | images | mean Dice | {' | '.join(classes)} |",
-            f"|---|---|---:|---:|{'---:|' * len(classes)}",
+        ]
+        shifted = data.get("shifted_slices", 0) > 0
+        extra_head, extra_rule = (" mean Dice, unseen scanner |", "---:|") if shifted else ("", "")
+        lines += [
+            f"| | training data | images | mean Dice | {' | '.join(classes)} |{extra_head}",
+            f"|---|---|---:|---:|{'---:|' * len(classes)}{extra_rule}",
         ]
         for key, c in s["conditions"].items():
             per = " | ".join(
                 f"{m:.3f} ± {sd:.3f}" for m, sd in zip(c["per_class_mean"], c["per_class_std"], strict=True)
             )
-            lines.append(f"| ({key}) | {c['label']} | {c['train_images']} | **{_pm(c)}** | {per} |")
+            extra = f" {_pm(c['shifted'])} |" if shifted else ""
+            lines.append(f"| ({key}) | {c['label']} | {c['train_images']} | **{_pm(c)}** | {per} |{extra}")
+        if shifted:
+            lines += [
+                "",
+                f"Unseen scanner: the same segmenters on {data['shifted_slices']} held-out slices imaged by a "
+                "reference scanner that no site has (a domain shift; the targets are judged on the held-out set "
+                "above).",
+            ]
         t = s["targets"]
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines.append(
@@ -1115,7 +1166,16 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--site", action="append", help="site data spec, repeat per site (custom setting instead of easy/hard)"
     )
-    p.add_argument("--heldout", help="held-out data spec for --site (default: cut a contiguous block from every site)")
+    p.add_argument(
+        "--heldout",
+        action="append",
+        help="held-out data spec for --site, repeat to pool several (default: cut a contiguous block from every site)",
+    )
+    p.add_argument(
+        "--shifted",
+        action="append",
+        help="with --site: a second test set from a domain no site has (e.g. another scanner); Dice only",
+    )
     p.add_argument("--holdout-fraction", type=float, default=0.15, help="without --heldout: held-out share per site")
     p.add_argument("--holdout-gap", type=int, default=4, help="without --heldout: slices dropped on each side")
     p.add_argument("--size", type=int, default=None, help="slice size for --site data (embedded settings fix theirs)")
@@ -1149,8 +1209,9 @@ def settings_from_args(a: argparse.Namespace) -> list[Setting]:
             "custom",
             f"{len(a.site)} sites from --site specs",
             tuple(a.site),
-            a.heldout,
+            tuple(a.heldout or ()),
             size=a.size,
+            shifted_specs=tuple(a.shifted or ()),
             holdout_fraction=a.holdout_fraction,
             holdout_gap=a.holdout_gap,
         )
@@ -1167,8 +1228,8 @@ def settings_from_args(a: argparse.Namespace) -> list[Setting]:
             )
         chosen = [base]
     else:
-        if a.heldout:
-            raise ValueError("--heldout goes with --site")
+        if a.heldout or a.shifted:
+            raise ValueError("--heldout and --shifted go with --site")
         defaults = default_settings(quick=a.quick, sites=a.sites)
         chosen = [defaults[n] for n in (a.setting or ["easy", "hard"])]
     out = []

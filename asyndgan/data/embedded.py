@@ -3,7 +3,7 @@
 Spec::
 
     embedded:icbm152?site=J&of=N[&size=64][&modalities=t1,t2][&orient=axial,coronal,sagittal]
-    embedded:icbm152?split=heldout[&of=N][&size=64][&modalities=...][&orient=...]
+    embedded:icbm152?split=heldout[&scanner=reference|J][&of=N][&size=64][&modalities=...][&orient=...]
 
 Data: ``icbm152.npz`` next to this module (built by ``scripts/build_embedded.py``; see ``NOTICE``): a 1.5 mm
 T1 template (brain-masked: the source template has no skull or scalp), grey/white-matter probabilities and a
@@ -22,7 +22,9 @@ Scanners: site ``j`` renders its slices with its own deterministic scanner (:fun
 contrast curve ``x ** gamma`` on intensities normalised to [0, 1] (gamma in [0.7, 1.4]), a smooth
 multiplicative 3D bias field (second-order polynomial, peak amplitude 8-15 %), and Rician noise (sigma 1-4 %
 of the range) drawn per slice from a seed fixed by (site, orientation, slice position). Held-out slices use a
-neutral reference scanner (gamma 1, no bias field, sigma 0.5 %).
+neutral reference scanner (gamma 1, no bias field, sigma 0.5 %) that no site has, or with ``scanner=J`` site
+``J``'s scanner (the held-out block as hospital ``J`` would have imaged it: a test set from the sites' own
+distribution).
 
 Modalities: ``t1`` is the template. ``t2`` is SIMULATED: a T2-like contrast rendered from the tissue
 probabilities (CSF bright, GM mid, WM dark) mixed with inverted T1 detail, zero outside the brain; the same
@@ -57,7 +59,7 @@ HELDOUT_FRACTION = 0.15
 MIN_HELDOUT = 4
 GAP = 4
 MAX_SITES = 64
-OPTIONS = ("site", "of", "split", "size", "modalities", "orient")
+OPTIONS = ("site", "of", "split", "size", "modalities", "orient", "scanner")
 _SEED = 0xA5D6A
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _NPZ = Path(__file__).with_name("icbm152.npz")
@@ -217,9 +219,17 @@ def load_embedded(options: dict[str, str], size: int | None = None) -> SiteData:
     if bad:
         raise DataError(f"unknown orientation {bad[0]!r}; expected any of {', '.join(ORIENTS)}")
 
+    which = options.get("scanner", "reference")
+    if split == "train" and "scanner" in options:
+        raise DataError("scanner= goes with split=heldout (a training site always uses its own scanner)")
     tpl = _template()
-    if split == "heldout":
+    if split == "heldout" and which == "reference":
         scanner, site_code, label = REFERENCE_SCANNER, 0, f"{name}-heldout"
+    elif split == "heldout":
+        if not which.isdigit() or int(which) >= MAX_SITES:
+            raise DataError(f"scanner={which!r}: expected 'reference' or a site number in [0, {MAX_SITES - 1}]")
+        j = int(which)
+        scanner, site_code, label = site_scanner(j), j + 1, f"{name}-heldout-scanner{j}"
     else:
         assert site is not None
         scanner, site_code, label = site_scanner(site), site + 1, f"{name}-site{site}of{of}"

@@ -35,6 +35,9 @@ def test_quick_evaluation_writes_report(tmp_path: Path) -> None:
     for s in report["settings"].values():
         assert {"a", "b0", "b1", "b2", "c", "d", "e0"} <= set(s["conditions"])
         _check_dice(s)
+        # held-out = the held-out block imaged by each of the 3 sites' scanners; shifted = the reference scanner's
+        assert s["data"]["heldout_slices"] == 3 * s["data"]["shifted_slices"] > 0
+        assert all(0.0 <= c["shifted"]["mean"] <= 1.0 for c in s["conditions"].values())
         assert {"c_over_a", "c_gt_every_b", "e_ge_a"} <= set(s["targets"])
         assert all(isinstance(t["met"], bool) for t in s["targets"].values())
         assert [p["step"] for p in s["curve"]] == [2, 4]
@@ -57,7 +60,7 @@ def test_quick_evaluation_writes_report(tmp_path: Path) -> None:
                 1 - tr["share_nearest_is_own_source_l2"]
             )
     md = (tmp_path / "eval.md").read_text()
-    assert "(c) >= 0.98 x (a)" in md and "Memorisation" in md
+    assert "(c) >= 0.98 x (a)" in md and "Memorisation" in md and "unseen scanner" in md
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -70,14 +73,19 @@ def test_custom_specs_with_contiguous_holdout(tmp_path: Path) -> None:
         path = tmp_path / f"site{j}.npz"
         np.savez(path, labels=s.labels, images=s.images)
         specs += ["--site", f"npz:{path}?num_classes=4"]
+    other = make_site("other", n=6, size=32, seed=9)
+    np.savez(tmp_path / "other.npz", labels=other.labels, images=other.images)
     out = tmp_path / "out"
-    rc = ev.main(["--quick", "--jobs", "1", "--threads", "1", *specs, "--holdout-fraction", "0.2", "--out", str(out)])
-    assert rc == 0
+    shifted = ["--shifted", f"npz:{tmp_path / 'other.npz'}?num_classes=4"]
+    argv = ["--quick", "--jobs", "1", "--threads", "1", *specs, *shifted, "--holdout-fraction", "0.2"]
+    assert ev.main([*argv, "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
     entry = report["settings"]["custom"]
     assert entry["data"]["heldout_slices"] == 8  # 4 per site
+    assert entry["data"]["shifted_slices"] == 6
     assert [x["slices"] for x in entry["data"]["sites"]] == [8, 8]  # 20 - 4 held out - 2 x 4 gap
     _check_dice(entry)
+    assert 0.0 <= entry["conditions"]["a"]["shifted"]["mean"] <= 1.0
 
 
 def test_split_contiguous_is_a_block_with_gap() -> None:

@@ -401,6 +401,25 @@ def test_embedded_heldout() -> None:
     held = load_site("embedded:icbm152?split=heldout&of=3")
     assert held.name == "icbm152-heldout" and held.modalities == ("t1",)
     assert len(held) == sum(len(embedded_slice_index(of=3, orient=o, split="heldout")) for o in ORIENTS)
+    assert load_site("embedded:icbm152?split=heldout&scanner=reference&of=3").images.tobytes() == held.images.tobytes()
+
+
+def test_embedded_heldout_with_a_site_scanner() -> None:
+    """``scanner=J``: the same held-out block, imaged the way site J images its own slices."""
+    ref = load_site("embedded:icbm152?split=heldout&orient=axial")
+    s0 = load_site("embedded:icbm152?split=heldout&scanner=0&orient=axial")
+    s1 = load_site("embedded:icbm152?split=heldout&scanner=1&orient=axial")
+    assert s1.name == "icbm152-heldout-scanner1"
+    np.testing.assert_array_equal(s0.labels, ref.labels)
+    np.testing.assert_array_equal(s1.labels, ref.labels)
+    assert not np.allclose(s0.images, ref.images, atol=0.02) and not np.allclose(s0.images, s1.images, atol=0.02)
+    # site 1's contrast curve (gamma) shows in its held-out rendering as in its training slices
+    train1 = load_site("embedded:icbm152?site=1&of=3&orient=axial")
+    brain = ref.labels == 3  # white matter
+    gamma = site_scanner(1).gamma
+    expected = np.mean(((ref.images[:, 0] + 1) / 2)[brain] ** gamma)
+    assert abs(np.mean(((s1.images[:, 0] + 1) / 2)[brain]) - expected) < 0.05
+    assert abs(np.mean(((train1.images[:, 0] + 1) / 2)[train1.labels == 3]) - expected) < 0.1
 
 
 @pytest.mark.parametrize(
@@ -416,6 +435,9 @@ def test_embedded_heldout() -> None:
         ("embedded:icbm152?site=0&of=3&orient=oblique", "unknown orientation 'oblique'"),
         ("embedded:icbm152?split=test&of=3", "split='test'"),
         ("embedded:icbm152?split=heldout&site=0&of=3", "cannot be combined"),
+        ("embedded:icbm152?split=heldout&scanner=x1", "scanner='x1': expected 'reference' or a site number"),
+        ("embedded:icbm152?split=heldout&scanner=64", "scanner='64'"),
+        ("embedded:icbm152?site=0&of=3&scanner=1", "scanner= goes with split=heldout"),
         ("embedded:mni305?site=0&of=3", "unknown embedded data set"),
         ("embedded:icbm152?site=0&of=3&size=0", "size=0 must be"),
         ("embedded:icbm152?site=0&of=1000", "of=1000 must be"),
