@@ -28,19 +28,22 @@ def test_scaling_section_structure(tmp_path: Path) -> None:
                 "0.05",
                 "--scaling-steps",
                 "2",
+                "--scaling-total-batch",
+                "4",
             ]
         )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     res = json.loads(out.read_text())
-    rows = res["scaling"]["rows"]
-    assert [r["sites"] for r in rows] == [1, 2]
-    for r in rows:
+    rows, per_site = res["scaling"]["rows"], res["scaling"]["rows_fixed_batch_per_site"]
+    assert [r["sites"] for r in rows] == [r["sites"] for r in per_site] == [1, 2]
+    assert [r["batch_per_site"] for r in rows] == [4, 2] and [r["batch_per_site"] for r in per_site] == [2, 2]
+    for r in rows + per_site:
         assert r["seconds_per_step"] >= 0.05  # every step waited for the emulated sites' delay
         assert {"p90_seconds", "generator_compute_s", "overhead_s", "ratio_to_n1"} <= r.keys()
-    assert rows[0]["ratio_to_n1"] == 1.0
-    assert [t["target"] for t in res["targets"]] == ["step time N=2 / N=1"]
+    assert rows[0]["ratio_to_n1"] == per_site[0]["ratio_to_n1"] == 1.0
+    assert [t["target"] for t in res["targets"]] == ["step time N=2 / N=1 (same G batch)"]
     md = out.with_suffix(".md").read_text()
     assert "Orchestration" in md and "| sites |" in md
 
