@@ -20,8 +20,10 @@ from asyndgan.nets import DISCRIMINATORS, GENERATORS, NetConfig
 from asyndgan.rpc import TlsConfig
 
 if TYPE_CHECKING:
+    import numpy as np
     from prometheus_client import CollectorRegistry
 
+    from asyndgan.data.loaders import NiftiLayout
     from asyndgan.metrics import MetricsHttpServer
 
 log = logging.getLogger("asyndgan")
@@ -297,6 +299,7 @@ def cmd_synthesize(a: argparse.Namespace) -> int:
 
     from asyndgan.clients.generator_client import GeneratorClient
     from asyndgan.data import load_site
+    from asyndgan.data.loaders import nifti_layout
     from asyndgan.io import write_bytes_atomic
     from asyndgan.report import label_rgb
 
@@ -313,8 +316,31 @@ def cmd_synthesize(a: argparse.Namespace) -> int:
     buf = io.BytesIO()
     np.savez_compressed(buf, labels=site.labels, images=images, modalities=np.array(modalities))
     write_bytes_atomic(out / "synthetic.npz", buf.getvalue())
+    layout = nifti_layout(a.labels)
+    if layout is not None:
+        write_nifti_volumes(out, layout, site.labels, images, modalities)
     log.info("wrote %d synthetic samples (%s) to %s", len(images), "/".join(modalities), out)
     return 0
+
+
+def write_nifti_volumes(
+    out: Path, layout: NiftiLayout, labels: np.ndarray, images: np.ndarray, modalities: Sequence[str]
+) -> None:
+    """``labels.nii.gz`` and ``synthetic_<modality>.nii.gz`` in the label volume's grid and affine (images in
+    G's [-1, 1] scale, -1 in slices that had no foreground)."""
+    import gzip
+
+    import nibabel as nib
+
+    from asyndgan.data.loaders import slices_to_volume
+    from asyndgan.io import write_bytes_atomic
+
+    volumes = {"labels": slices_to_volume(layout, labels, 0, labels=True)}
+    for k, m in enumerate(modalities):
+        volumes[f"synthetic_{m}"] = slices_to_volume(layout, images[:, k], -1.0)
+    for name, vol in volumes.items():
+        img = nib.Nifti1Image(vol, layout.affine)
+        write_bytes_atomic(out / f"{name}.nii.gz", gzip.compress(img.to_bytes(), compresslevel=6))
 
 
 def cmd_certs(a: argparse.Namespace) -> int:

@@ -20,9 +20,12 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .embedded import load_embedded
 from .spec import (
@@ -342,6 +345,57 @@ def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(data), affine
 
 
+@dataclass(frozen=True)
+class NiftiLayout:
+    """Where the slices of a ``nifti:`` spec came from: enough to put per-slice results back into the volume."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    axis: int
+    positions: np.ndarray  # slice index along ``axis`` of each row of the loaded SiteData
+
+
+def nifti_layout(spec: str) -> NiftiLayout | None:
+    """The layout of a ``nifti:`` spec's slices (reads the label volume again); ``None`` for other schemes."""
+    scheme, options = parse_spec(spec)
+    if scheme != "nifti":
+        return None
+    lab_path = Path(options.get("labels", "")).expanduser()
+    raw, affine = _read_nifti(lab_path, "labels")
+    axis = int_option(options, "axis", 2, 0, 2)
+    assert axis is not None
+    positions = _foreground_slices(as_labels(raw, f"NIfTI labels {lab_path.name!r}"), axis)
+    return NiftiLayout(raw.shape, affine, axis, positions)  # type: ignore[arg-type]
+
+
+def slices_to_volume(layout: NiftiLayout, slices: np.ndarray, fill: float, labels: bool = False) -> np.ndarray:
+    """Inverse of the ``nifti:`` loader's slicing: (N, H, W) slices as loaded (native, or padded to a square and
+    resized with ``size``) back into a volume of ``layout.shape``; slices without foreground get ``fill``.
+    ``labels``: nearest-neighbour resizing and a uint8 volume."""
+    h, w = (n for i, n in enumerate(layout.shape) if i != layout.axis)
+    side = max(h, w)
+    if slices.ndim != 3 or len(slices) != len(layout.positions):
+        raise DataError(f"expected {len(layout.positions)} slices, got an array of shape {slices.shape}")
+    if slices.shape[1:] == (h, w):
+        rows = np.asarray(slices, dtype=np.float32)
+    elif slices.shape[1] == slices.shape[2]:
+        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+        if x.shape[-1] != side:
+            mode = "nearest-exact" if labels else "bilinear"
+            x = F.interpolate(x, size=(side, side), mode=mode, **({} if labels else {"align_corners": False}))
+        top, left = (side - h) // 2, (side - w) // 2
+        rows = x[:, 0, top : top + h, left : left + w].numpy()
+    else:
+        raise DataError(f"slices of {slices.shape[1:]} fit neither the volume's ({h}, {w}) nor a square")
+    vol = np.full(layout.shape, fill, dtype=np.uint8 if labels else np.float32)
+    np.moveaxis(vol, layout.axis, 0)[layout.positions] = rows.round() if labels else rows
+    return vol
+
+
+def _foreground_slices(labels_vol: np.ndarray, axis: int) -> np.ndarray:
+    return np.flatnonzero((labels_vol > 0).any(axis=tuple(a for a in range(3) if a != axis)))
+
+
 def load_nifti(options: dict[str, str], size: int | None = None) -> SiteData:
     """``nifti:labels=PATH&t1=PATH[&t2=PATH...][&axis=2]``: a label volume and one volume per modality.
 
@@ -390,7 +444,7 @@ def load_nifti(options: dict[str, str], size: int | None = None) -> SiteData:
             raise DataError(f"{vwhere}: volume is constant ({lo:g}); cannot normalise intensities")
         vols.append(scale_intensity(vol, lo, hi))
 
-    fg = np.flatnonzero((labels_vol > 0).any(axis=tuple(a for a in range(3) if a != axis)))
+    fg = _foreground_slices(labels_vol, axis)
     if fg.size == 0:
         raise DataError(f"{where}: no foreground labels (> 0) in any slice along axis {axis}; zero slices")
     labels = np.ascontiguousarray(np.moveaxis(np.take(labels_vol, fg, axis=axis), axis, 0))

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -98,6 +99,26 @@ def test_multimodal_sites_and_synthesize_complete_a_missing_modality(tmp_path: P
             assert list(z["modalities"]) == ["t1", "t2"]
             assert z["images"].shape[1:] == (2, 32, 32) and len(z["images"]) == len(z["labels"])
         assert (out / "png" / "00000_t2.png").exists()
+
+        # Labels from NIfTI: the synthetic volumes come back in the label volume's grid and affine.
+        lab = np.zeros((32, 28, 6), np.uint8)
+        lab[4:28, 4:24, 1:5] = 1
+        lab[8:24, 8:20, 2:4] = 2
+        affine = np.diag([1.5, 1.5, 3.0, 1.0])
+        nib.save(nib.Nifti1Image(lab, affine), str(tmp_path / "seg.nii.gz"))
+        nib.save(nib.Nifti1Image(lab.astype(np.float32) * 100, affine), str(tmp_path / "t1.nii.gz"))
+        spec = f"nifti:labels={tmp_path / 'seg.nii.gz'}&t1={tmp_path / 't1.nii.gz'}"
+        out = tmp_path / "synth-nifti"
+        res = run("synthesize", "--generator", f"127.0.0.1:{port}", "--labels", spec, "--size", "32",
+                  "--out", str(out))  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        back = nib.load(str(out / "labels.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(back.dataobj), lab)
+        np.testing.assert_allclose(back.affine, affine)
+        for m in ("t1", "t2"):
+            vol = np.asarray(nib.load(str(out / f"synthetic_{m}.nii.gz")).dataobj)
+            assert vol.shape == lab.shape and vol.dtype == np.float32
+            assert (vol[..., [0, 5]] == -1).all() and (vol[..., 1:5] != -1).any()  # only foreground slices
         for p in procs[::-1]:
             p.send_signal(signal.SIGTERM)
             assert p.wait(timeout=60) == 0, "graceful shutdown exits 0"

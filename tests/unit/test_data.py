@@ -11,6 +11,7 @@ from PIL import Image
 
 from asyndgan.data import DataError, SiteData, embedded_slice_index, load_site, parse_spec, site_scanner
 from asyndgan.data.embedded import GAP, ORIENTS
+from asyndgan.data.loaders import nifti_layout, slices_to_volume
 
 RNG = np.random.default_rng(0)
 
@@ -292,6 +293,32 @@ def test_nifti_loads(tmp_path: Path) -> None:
     assert site.images.min() == -1.0 and site.images.max() == 1.0
     site = load_site(f"nifti:labels={lab}&t1={t1}&axis=0&num_classes=6", size=16)
     assert site.images.shape == (6, 1, 16, 16) and site.num_classes == 6
+
+
+@pytest.mark.parametrize("size", [None, 10, 20])
+def test_nifti_slices_go_back_into_the_volume(tmp_path: Path, size: int | None) -> None:
+    """What synthesize writes as NIfTI: per-slice results put back in the label volume's grid."""
+    lab, t1, _ = _nifti_case(tmp_path)
+    spec = f"nifti:labels={lab}&t1={t1}&axis=1"
+    site = load_site(spec, size=size)
+    layout = nifti_layout(spec)
+    assert layout is not None and nifti_layout("embedded:icbm152?site=0&of=1") is None
+    assert layout.shape == (10, 12, 8) and layout.axis == 1 and list(layout.positions) == [3, 4, 5, 6, 7, 8]
+    np.testing.assert_array_equal(layout.affine, np.eye(4))
+    labels = slices_to_volume(layout, site.labels, 0, labels=True)
+    images = slices_to_volume(layout, site.images[:, 0], -1.0)
+    assert labels.dtype == np.uint8 and images.dtype == np.float32 and images.shape == (10, 12, 8)
+    orig = np.asarray(nib.load(lab).dataobj)
+    if size in (None, 10):  # native (10 x 8), or padded to the 10 x 10 square without resizing: exact
+        np.testing.assert_array_equal(labels, orig)
+        vol = np.asarray(nib.load(t1).dataobj)
+        ref = load_site(spec).images[:, 0]  # the normalised slices, native shape
+        np.testing.assert_array_equal(np.moveaxis(images, 1, 0)[3:9], ref)
+        assert (images[:, :3] == -1).all() and (images[:, 9:] == -1).all() and vol.shape == images.shape
+    else:  # resized 10 -> 20 -> 10: labels survive nearest-neighbour both ways
+        np.testing.assert_array_equal(labels, orig)
+    with pytest.raises(DataError, match="expected 6 slices"):
+        slices_to_volume(layout, site.labels[:2], 0)
 
 
 def test_nifti_rejects(tmp_path: Path) -> None:
