@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint", "write_bytes_atomic", "write_json_atomic"]
+log = logging.getLogger(__name__)
+
+__all__ = ["load_checkpoint", "remove_stale_temp", "save_checkpoint", "write_bytes_atomic", "write_json_atomic"]
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -29,6 +33,18 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp(path: Path) -> int:
+    """Delete temp files that :func:`write_bytes_atomic` left beside ``path`` when its process was killed
+    mid-write; call it before the owner of ``path`` starts writing (one writer per file). Returns how many."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d stale temp file(s) of %s", len(stale), path.name)
+    return len(stale)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

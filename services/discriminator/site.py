@@ -17,7 +17,7 @@ import torch
 from asyndgan import __version__
 from asyndgan.algorithm import Batch, LossTerm, SiteTrainer, TrainConfig
 from asyndgan.data import SiteData
-from asyndgan.io import load_checkpoint, save_checkpoint
+from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import FailedPrecondition
 
@@ -65,6 +65,8 @@ class Site:
         self.site_id = site_id
         self.trainer = SiteTrainer(data, net, train, batch_size=batch_size, seed=seed, device=device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.checkpoint_dir is not None:
+            remove_stale_temp(self.checkpoint_dir / CHECKPOINT_FILE)
         self._lock = threading.Lock()
         self._outstanding: Batch | None = None
         # Sampler state before the outstanding batch was drawn: a checkpoint redraws the same batch.

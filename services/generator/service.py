@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from asyndgan import codec
 from asyndgan.algorithm import GeneratorTrainer, TrainConfig
 from asyndgan.data import SiteData, load_site
-from asyndgan.io import load_checkpoint, save_checkpoint, write_bytes_atomic, write_json_atomic
+from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint, write_bytes_atomic, write_json_atomic
 from asyndgan.local import evaluate_heldout, sample_rows
 from asyndgan.metrics import FanoutObserver, GeneratorMetrics, GrpcServerMetrics
 from asyndgan.nets import NetConfig
@@ -98,6 +98,7 @@ class GeneratorService:
             max_grad_norm=cfg.max_grad_norm,
         )
         ckpt = cfg.checkpoint_dir / CHECKPOINT_FILE
+        remove_stale_temp(ckpt)
         if cfg.resume and ckpt.exists():
             self.gen.load_state_dict(load_checkpoint(ckpt))
             log.info("resumed generator at step %d", self.gen.steps)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from asyndgan.clients.generator_client import GeneratorClient
-from asyndgan.io import load_checkpoint
+from asyndgan.io import load_checkpoint, remove_stale_temp
 from asyndgan.v1 import discriminator_pb2 as dpb
 from asyndgan.v1 import discriminator_pb2_grpc as dpb_grpc
 from asyndgan.v1 import generator_pb2 as gpb
@@ -110,7 +110,10 @@ def test_killed_site_is_dropped_then_resumes_from_its_checkpoint(cluster: Cluste
     assert site_state(gen, "h1").steps_dropped >= 1
     checkpointed = load_checkpoint(cluster.tmp / "h1" / "discriminator.pt")["steps"]
     assert checkpointed >= 2
+    stale = cluster.tmp / "h1" / ".discriminator.pt.x1y2z3.tmp"  # as a kill during a write would leave it
+    stale.write_bytes(b"half")
     cluster.start_site(1, port=port1)  # the hospital restarts its container
+    assert not stale.exists(), "the restarted site removed its stale temp file"
     channel = grpc.insecure_channel(f"127.0.0.1:{port1}")
     resumed = dpb_grpc.DiscriminatorStub(channel).Status(dpb.StatusRequest(), timeout=30).steps
     channel.close()
@@ -130,7 +133,10 @@ def test_killed_generator_resumes_from_its_last_checkpoint(cluster: Cluster) -> 
     gen.close()
     saved = load_checkpoint(cluster.tmp / "g" / "generator.pt")["steps"]
     assert saved >= 6
+    stale = cluster.tmp / "g" / ".generator.pt.x1y2z3.tmp"
+    stale.write_bytes(b"half")
     gen = cluster.start_generator(iterations=saved + 6, resume=True)
+    assert not stale.exists(), "the restarted generator removed its stale temp file"
     first = gen.status().step
     assert saved <= first <= saved + 6, "continues from the checkpoint, not from zero"
     wait_for(lambda: gen.status().step == saved + 6 and not gen.status().training, 120, "resumed training")
@@ -158,3 +164,10 @@ def test_checkpoint_is_never_half_written(tmp_path: Path) -> None:
         proc.wait()
         state = load_checkpoint(path)
         assert float(state["w"][0]) == float(state["w"][-1]) == state["step"]
+    # A kill mid-write can leave the writer's temp file; the next owner of the checkpoint removes it.
+    (tmp_path / ".ck.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.pt.abc123.tmp").write_bytes(b"not ours")
+    leftovers = sorted(tmp_path.glob(".ck.pt.*.tmp"))
+    assert remove_stale_temp(path) == len(leftovers) >= 1
+    assert not list(tmp_path.glob(".ck.pt.*.tmp")) and (tmp_path / ".other.pt.abc123.tmp").exists()
+    assert load_checkpoint(path)["step"] == state["step"]
