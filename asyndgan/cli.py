@@ -116,6 +116,17 @@ def add_tls_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", default=env("tls_ca"), help="PEM CA that signs the peers")
 
 
+def add_allow_flag(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument(
+        "--allow-client",
+        action="append",
+        default=[n for n in (env("allow_client") or "").split(",") if n],
+        metavar="NAME",
+        help=f"with mutual TLS: only clients whose certificate names NAME may call the {who} service (repeat; "
+        "default: any certificate from the CA). Health and reflection stay open to the CA's certificates.",
+    )
+
+
 def tls_config(a: argparse.Namespace) -> TlsConfig | None:
     given = [a.tls_cert, a.tls_key, a.tls_ca]
     if not any(given):
@@ -182,6 +193,7 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
         train=train_config(a),
         port_file=Path(a.port_file) if a.port_file else None,
         tls=tls_config(a),
+        allowed_clients=tuple(a.allow_client),
         device=a.device,
     )
     stop = stop_event_on_signals()
@@ -221,6 +233,7 @@ def cmd_generator(a: argparse.Namespace) -> int:
         heldout=a.heldout,
         port_file=Path(a.port_file) if a.port_file else None,
         tls=tls_config(a),
+        allowed_clients=tuple(a.allow_client),
         max_grad_norm=a.max_grad_norm,
         device=a.device,
     )
@@ -388,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=env("device", "cpu"))
     add_model_flags(p)
     add_tls_flags(p)
+    add_allow_flag(p, "Discriminator")
     add_common(p)
     p.set_defaults(func=cmd_discriminator)
 
@@ -410,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=env("device", "cpu"))
     add_model_flags(p)
     add_tls_flags(p)
+    add_allow_flag(p, "Generator")
     add_common(p)
     p.set_defaults(func=cmd_generator)
 

@@ -166,6 +166,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 "--threads", str(cfg.site_threads),
                 *_metrics_args(cfg, run_dir, name),
                 *_tls_args(cfg, run_dir, name),
+                *(["--allow-client", "generator"] if cfg.tls else []),  # no other hospital's certificate
             )  # fmt: skip
             with open(log_file, "wb") as lf:
                 procs.append(subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env))

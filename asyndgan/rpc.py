@@ -159,20 +159,65 @@ class RejectMalformed(grpc.ServerInterceptor):
         return factory(streaming, des, ser)
 
 
+def peer_names(context: grpc.ServicerContext) -> set[str]:
+    """The names (SANs, else the common name) in the client's verified TLS certificate; empty without TLS."""
+    return {n.decode(errors="replace") for n in context.peer_identities() or ()}
+
+
+class AllowClients(grpc.ServerInterceptor):
+    """With mutual TLS: calls to ``services`` need a client certificate naming one of ``names`` (else
+    PERMISSION_DENIED); other services (health, reflection) stay open to any certificate from the CA."""
+
+    def __init__(self, names: Iterable[str], services: Iterable[str]) -> None:
+        self.names = frozenset(names)
+        self.prefixes = tuple(f"/{s}/" for s in services)
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        if not peer_names(context) & self.names:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "client certificate is not on this service's allow-list")
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        h = continuation(details)
+        if h is None or not details.method.startswith(self.prefixes):  # type: ignore[attr-defined]
+            return h
+        inner = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            self._check(context)
+            return inner(request, context)
+
+        if h.unary_unary:
+            factory = grpc.unary_unary_rpc_method_handler
+        elif h.unary_stream:
+            factory = grpc.unary_stream_rpc_method_handler
+        elif h.stream_unary:
+            factory = grpc.stream_unary_rpc_method_handler
+        else:
+            factory = grpc.stream_stream_rpc_method_handler
+        return factory(guarded, h.request_deserializer, h.response_serializer)
+
+
 def make_server(
     listen: str,
     register: Callable[[grpc.Server], None],
     service_names: Sequence[str],
     *,
     tls: TlsConfig | None = None,
+    allowed_clients: Sequence[str] = (),
     max_message: int = MAX_MESSAGE_BYTES,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     workers: int = 8,
 ) -> Server:
-    """Start a server on ``listen`` (HOST:PORT, port 0 = any) with health and reflection; NOT_SERVING."""
+    """Start a server on ``listen`` (HOST:PORT, port 0 = any) with health and reflection; NOT_SERVING.
+
+    ``allowed_clients`` (needs ``tls``): certificate names that may call ``service_names``; empty = any
+    certificate from the CA."""
+    if allowed_clients and tls is None:
+        raise ValueError("an allow-list of client names needs mutual TLS")
+    guard = [AllowClients(allowed_clients, service_names)] if allowed_clients else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=[*interceptors, RejectMalformed()],
+        interceptors=[*interceptors, *guard, RejectMalformed()],  # denied calls still show in metrics
         options=_options(max_message),
         maximum_concurrent_rpcs=workers * 4,
     )

@@ -148,7 +148,7 @@ wait_serving() {  # wait_serving CONTAINER PORT SERVER_NAME: poll the health ser
 run smoke-disc "${hardened[@]}" -v "$WORK/ckpt-disc:/var/lib/asyndgan/checkpoints" "$DISC_IMAGE" \
     --site-id hospital-a --data 'embedded:icbm152?site=0&of=3' --listen "127.0.0.1:$DPORT" \
     --checkpoint-dir /var/lib/asyndgan/checkpoints --metrics-port "$DMETRICS" --metrics-host 127.0.0.1 --size 32 --batch-size 4 \
-    --threads 1 $(tls_args hospital-a)
+    --threads 1 --allow-client generator $(tls_args hospital-a)
 wait_serving smoke-disc "$DPORT" hospital-a
 log "discriminator SERVING (grpcurl, mTLS)"
 # The chart's exec probe for TLS ports: the pod's own certificate as client certificate.
@@ -157,7 +157,11 @@ log "discriminator SERVING (grpcurl, mTLS)"
 # A client without a certificate must be refused.
 if "$GRPCURL" -cacert "$TLS/ca.pem" -servername hospital-a -max-time 3 "127.0.0.1:$DPORT" \
     grpc.health.v1.Health/Check >/dev/null 2>&1; then die "discriminator accepted a client without certificate"; fi
-log "exec probe SERVING; client without certificate refused"
+# Only the generator's certificate may call the API: the hospital's own (same CA) gets PermissionDenied.
+denied=$("$GRPCURL" -cacert "$TLS/ca.pem" -cert "$TLS/hospital-a.pem" -key "$TLS/hospital-a.key" \
+    -servername hospital-a -max-time 5 "127.0.0.1:$DPORT" asyndgan.v1.Discriminator/Status 2>&1 || true)
+[[ $denied == *PermissionDenied* ]] || die "allow-list: another certificate of the CA was not refused: $denied"
+log "exec probe SERVING; client without certificate refused; non-generator certificate PermissionDenied"
 
 # shellcheck disable=SC2046
 run smoke-gen "${hardened[@]}" -v "$WORK/ckpt-gen:/var/lib/asyndgan/checkpoints" "$GEN_IMAGE" \

@@ -91,6 +91,7 @@ refuse "site without port" "/generator/sites/0/address" \
 refuse "bad probe mode" "/probes/mode" "${d[@]}" --set probes.mode=http
 refuse "grpc probe on a TLS port" "plaintext only" "${d[@]}" --set tls.enabled=true --set tls.secretName=s \
     --set probes.mode=grpc
+refuse "allow-list entry with a space" "/tls/allowedClients/0" "${d[@]}" --set 'tls.allowedClients[0]=a b'
 refuse "Kubernetes older than 1.27" "kubeVersion" "${d[@]}" --kube-version 1.26.0
 log "$refused invalid value sets refused, each for its reason"
 "$HELM" package "$CHART" -d "$OUT" >/dev/null

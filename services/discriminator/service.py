@@ -41,6 +41,7 @@ class DiscriminatorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     port_file: Path | None = None
     tls: TlsConfig | None = None
+    allowed_clients: tuple[str, ...] = ()  # with tls: certificate names that may call the service (empty: any)
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -48,6 +49,8 @@ class DiscriminatorConfig:
             raise ValueError(f"invalid site id {self.site_id!r}: use letters, digits, '-', '_' and '.'")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
+        if self.allowed_clients and self.tls is None:
+            raise ValueError("--allow-client needs mutual TLS (--tls-cert, --tls-key, --tls-ca)")
         self.net.validate()
         self.train.validate()
 
@@ -85,6 +88,7 @@ def start_discriminator(
         lambda s: pb_grpc.add_DiscriminatorServicer_to_server(DiscriminatorServicer(site), s),
         [SERVICE_NAME],
         tls=cfg.tls,
+        allowed_clients=cfg.allowed_clients,
         interceptors=interceptors,
     )
     if cfg.port_file:

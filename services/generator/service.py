@@ -52,6 +52,7 @@ class GeneratorConfig:
     heldout: str | None = None
     port_file: Path | None = None
     tls: TlsConfig | None = None
+    allowed_clients: tuple[str, ...] = ()  # with tls: certificate names that may call the service (empty: any)
     max_grad_norm: float = 1e3  # a site gradient with a larger L2 norm is left out of the step
     device: str = "cpu"
     eval_samples: int = 64
@@ -61,6 +62,8 @@ class GeneratorConfig:
             raise ValueError("at least one --site NAME=HOST:PORT is needed")
         if self.iterations < 0 or self.checkpoint_every < 1:
             raise ValueError("iterations must be >= 0 and checkpoint_every >= 1")
+        if self.allowed_clients and self.tls is None:
+            raise ValueError("--allow-client needs mutual TLS (--tls-cert, --tls-key, --tls-ca)")
         self.net.validate()
         self.train.validate()
         for c in (self.orchestrator.image_codec, self.orchestrator.grad_codec, self.orchestrator.label_codec):
@@ -112,6 +115,7 @@ class GeneratorService:
             ),
             [gpb.DESCRIPTOR.services_by_name["Generator"].full_name],
             tls=cfg.tls,
+            allowed_clients=cfg.allowed_clients,
             interceptors=interceptors,
         )
         if cfg.port_file:

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from asyndgan.certs import init_ca, issue
+from asyndgan.metrics import GrpcServerMetrics
 from asyndgan.rpc import TlsConfig, make_channel
+from asyndgan.services.discriminator.service import DiscriminatorConfig
 from asyndgan.services.generator.service import GeneratorService
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
@@ -76,3 +80,41 @@ def test_site_with_another_sites_certificate_is_refused(tmp_path: Path, pki: tup
             GeneratorService(cfg)
     finally:
         stop_sites(sites)
+
+
+def test_allow_list_admits_only_the_generator(tmp_path: Path, pki: tuple[Path, Path]) -> None:
+    """Every hospital's certificate comes from the same CA; with --allow-client generator, another hospital's
+    certificate cannot call the site (PERMISSION_DENIED, counted in the metrics) but can still probe health."""
+    good, _ = pki
+    registry = CollectorRegistry()
+    metrics = GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["Discriminator"]])
+    sites = start_sites(
+        1, tmp_path, tls=tls_for(good, "site-0"), allowed_clients=("generator",), interceptors={0: (metrics,)}
+    )
+    port = sites[0][1].port
+    try:
+        assert describe(port, tls_for(good, "generator")).site_id == "site-0"
+        with pytest.raises(grpc.RpcError) as denied:
+            describe(port, tls_for(good, "site-1"))
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        labels = {"grpc_type": "unary", "grpc_service": "asyndgan.v1.Discriminator", "grpc_method": "Describe"}
+        assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "PERMISSION_DENIED"}) == 1
+        channel = make_channel(f"127.0.0.1:{port}", tls=tls_for(good, "site-1"), server_name="site-0")
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            channel.close()
+        svc = GeneratorService(generator_config(sites, tmp_path, 1, tls=tls_for(good, "generator")))
+        try:
+            svc.train()
+            assert svc.gen.steps == 1
+        finally:
+            svc.stop(grace=0)
+    finally:
+        stop_sites(sites)
+
+
+def test_allow_list_needs_tls() -> None:
+    with pytest.raises(ValueError, match="needs mutual TLS"):
+        DiscriminatorConfig(site_id="s", data="embedded:icbm152?site=0&of=1", allowed_clients=("g",)).validate()
