@@ -166,7 +166,7 @@ def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
             sites,
             128,
             None,
-            gen_steps=400,
+            gen_steps=800,
             gen_batch=4,
             ngf=16,
             ndf=16,
