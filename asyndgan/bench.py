@@ -38,10 +38,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from asyndgan import codec
-from asyndgan.algorithm import Batch, GeneratorTrainer, LossTerm, SiteTrainer, TrainConfig, site_seed
+from asyndgan.algorithm import Batch, GeneratorTrainer, LossTerm, SiteTrainer, TrainConfig
 from asyndgan.data import SiteData, load_site
 from asyndgan.io import write_bytes_atomic, write_json_atomic
-from asyndgan.local import LocalRun, train_local, union_modalities
+from asyndgan.local import LocalRun, build_trainers, train_local, union_modalities
 from asyndgan.nets import NetConfig, build_discriminator, build_generator, resolve_generator
 from asyndgan.rpc import Server, make_server
 from asyndgan.v1 import discriminator_pb2 as pb
@@ -182,10 +182,7 @@ def bench_bytes(size: int, batch: int, sites: int, steps: int, threads: int) -> 
     net, train = NetConfig(), TrainConfig()
     modalities = union_modalities(data)
     num_classes = data[0].num_classes
-    trainers = [SiteTrainer(d, net, train, batch_size=batch, seed=site_seed(0, j)) for j, d in enumerate(data)]
-    gen = GeneratorTrainer(
-        net, train, num_classes=num_classes, modalities=modalities, seed=0, image_size=min(data[0].labels.shape[1:])
-    )
+    trainers, gen = build_trainers(data, net, train, LocalRun(batch_size=batch))
     counts = dict.fromkeys(
         ("wire", "raw", *(f"{t}_{w}" for t in ("fakes", "grad", "labels") for w in ("wire", "raw"))), 0
     )
@@ -532,6 +529,7 @@ def emulated_sites(n: int, size: int, batch: int, delay: float) -> Iterator[list
             proc.kill()
 
 
+@functools.lru_cache(maxsize=4)
 def _label_pool(size: int) -> tuple[np.ndarray, int]:
     data = load_site(f"embedded:icbm152?site=0&of=1&size={size}")
     return data.labels, data.num_classes

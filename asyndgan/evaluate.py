@@ -321,7 +321,7 @@ def synthesize_all(gen: GeneratorTrainer, labels: np.ndarray, channels: Sequence
     out = [
         gen.synthesize(torch.from_numpy(labels[i : i + batch]))[:, list(channels)] for i in range(0, len(labels), batch)
     ]
-    return torch.cat(out).clamp(-1, 1).numpy().astype(np.float32)
+    return torch.cat(out).clamp(-1, 1).numpy()
 
 
 @dataclass
@@ -345,8 +345,18 @@ def _generator_task(
     threads: int,
     all_labels: np.ndarray,
 ) -> GeneratorRun:
+    before = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
+    try:
+        return _train_generator_run(kind, sites, heldout, setting, seed, all_labels)
+    finally:
+        torch.set_num_threads(before)  # a pooled worker runs segmenters next, with its own thread budget
+
+
+def _train_generator_run(
+    kind: str, sites: list[SiteData], heldout: SiteData, setting: Setting, seed: int, all_labels: np.ndarray
+) -> GeneratorRun:
     net = NetConfig(generator=setting.generator, ngf=setting.ngf, ndf=setting.ndf)
     batch = setting.gen_batch * (len(sites) if kind == "centralised" else 1)
     train_sites = [pool_sites(sites)] if kind == "centralised" else sites
@@ -1203,8 +1213,6 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(a: argparse.Namespace) -> list[Setting]:
     if a.site:
-        if len(a.site) < 1:
-            raise ValueError("--site needs at least one spec")
         base = Setting(
             "custom",
             f"{len(a.site)} sites from --site specs",

@@ -18,11 +18,19 @@ log = logging.getLogger(__name__)
 __all__ = ["load_checkpoint", "remove_stale_temp", "save_checkpoint", "write_bytes_atomic", "write_json_atomic"]
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(path: Path) -> str:
+    """Temp files of ``path`` are ``.NAME.<random>.tmp`` in its folder (hidden, and findable after a crash)."""
+    return f".{path.name}."
+
+
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path`` (permissions ``mode``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -39,7 +47,8 @@ def remove_stale_temp(path: Path) -> int:
     """Delete temp files that :func:`write_bytes_atomic` left beside ``path`` when its process was killed
     mid-write; call it before the owner of ``path`` starts writing (one writer per file). Returns how many."""
     path = Path(path)
-    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    pattern = f"{glob.escape(_temp_prefix(path))}*{_TEMP_SUFFIX}"
+    stale = list(path.parent.glob(pattern)) if path.parent.is_dir() else []
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     if stale:

@@ -128,6 +128,22 @@ def _reject(request: Any, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
 
 
+def _behavior(h: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The handler's own function, whichever of the four call shapes it has."""
+    return h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream  # type: ignore[no-any-return]
+
+
+def _rewrap(h: grpc.RpcMethodHandler, behavior: Callable[..., Any], deserializer: Any) -> grpc.RpcMethodHandler:
+    """A handler of the same call shape as ``h`` running ``behavior`` instead (interceptors wrap with this)."""
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(h.request_streaming), bool(h.response_streaming))]
+    return factory(behavior, deserializer, h.response_serializer)  # type: ignore[operator]
+
+
 class RejectMalformed(grpc.ServerInterceptor):
     """Unparseable request bytes get INVALID_ARGUMENT (grpcio's default would be INTERNAL)."""
 
@@ -135,17 +151,14 @@ class RejectMalformed(grpc.ServerInterceptor):
         h = continuation(details)
         if h is None or h.request_deserializer is None:
             return h
-        des, ser = _tolerant(h.request_deserializer), h.response_serializer
-        if h.unary_unary or h.unary_stream:
-            inner = h.unary_unary or h.unary_stream
+        inner = _behavior(h)
+        if not h.request_streaming:
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 _reject(request, context)
                 return inner(request, context)
 
-            factory = grpc.unary_unary_rpc_method_handler if h.unary_unary else grpc.unary_stream_rpc_method_handler
-            return factory(unary, des, ser)
-        inner = h.stream_unary or h.stream_stream
+            return _rewrap(h, unary, _tolerant(h.request_deserializer))
 
         def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             def checked() -> Iterator[Any]:
@@ -155,8 +168,7 @@ class RejectMalformed(grpc.ServerInterceptor):
 
             return inner(checked(), context)
 
-        factory = grpc.stream_unary_rpc_method_handler if h.stream_unary else grpc.stream_stream_rpc_method_handler
-        return factory(streaming, des, ser)
+        return _rewrap(h, streaming, _tolerant(h.request_deserializer))
 
 
 def peer_names(context: grpc.ServicerContext) -> set[str]:
@@ -180,21 +192,13 @@ class AllowClients(grpc.ServerInterceptor):
         h = continuation(details)
         if h is None or not details.method.startswith(self.prefixes):  # type: ignore[attr-defined]
             return h
-        inner = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+        inner = _behavior(h)
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             self._check(context)
             return inner(request, context)
 
-        if h.unary_unary:
-            factory = grpc.unary_unary_rpc_method_handler
-        elif h.unary_stream:
-            factory = grpc.unary_stream_rpc_method_handler
-        elif h.stream_unary:
-            factory = grpc.stream_unary_rpc_method_handler
-        else:
-            factory = grpc.stream_stream_rpc_method_handler
-        return factory(guarded, h.request_deserializer, h.response_serializer)
+        return _rewrap(h, guarded, h.request_deserializer)
 
 
 def make_server(

@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from asyndgan.certs import init_ca, issue
 from asyndgan.metrics import GrpcServerMetrics
-from asyndgan.rpc import TlsConfig, make_channel
+from asyndgan.rpc import Server, TlsConfig, make_channel
 from asyndgan.services.discriminator.service import DiscriminatorConfig
+from asyndgan.services.discriminator.site import Site
 from asyndgan.services.generator.service import GeneratorService
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
@@ -43,6 +44,18 @@ def describe(port: int, tls: TlsConfig | None, name: str = "site-0") -> pb.SiteI
         channel.close()
 
 
+def train_over_tls(
+    sites: list[tuple[Site, Server]], tmp_path: Path, ca_dir: Path, steps: int, codec: str = "f32"
+) -> int:
+    """Train a generator with the "generator" certificate for ``steps`` steps; the steps it made."""
+    svc = GeneratorService(generator_config(sites, tmp_path, steps, codec, tls=tls_for(ca_dir, "generator")))
+    try:
+        svc.train()
+        return svc.gen.steps
+    finally:
+        svc.stop(grace=0)
+
+
 def test_mutual_tls_trains_and_refuses_strangers(tmp_path: Path, pki: tuple[Path, Path]) -> None:
     good, other = pki
     sites = start_sites(1, tmp_path, tls=tls_for(good, "site-0"))
@@ -55,12 +68,7 @@ def test_mutual_tls_trains_and_refuses_strangers(tmp_path: Path, pki: tuple[Path
         with pytest.raises(grpc.RpcError) as stranger:
             describe(port, tls_for(other, "generator"))
         assert stranger.value.code() == grpc.StatusCode.UNAVAILABLE
-        svc = GeneratorService(generator_config(sites, tmp_path, 2, "bf16+zstd", tls=tls_for(good, "generator")))
-        try:
-            svc.train()
-            assert svc.gen.steps == 2
-        finally:
-            svc.stop(grace=0)
+        assert train_over_tls(sites, tmp_path, good, 2, "bf16+zstd") == 2
     finally:
         stop_sites(sites)
 
@@ -105,12 +113,7 @@ def test_allow_list_admits_only_the_generator(tmp_path: Path, pki: tuple[Path, P
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             channel.close()
-        svc = GeneratorService(generator_config(sites, tmp_path, 1, tls=tls_for(good, "generator")))
-        try:
-            svc.train()
-            assert svc.gen.steps == 1
-        finally:
-            svc.stop(grace=0)
+        assert train_over_tls(sites, tmp_path, good, 1) == 1
     finally:
         stop_sites(sites)
 
