@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from asyndgan.data import SiteData
+from asyndgan.errors import SiteStepError
+from asyndgan.messages import LossTerm, StepAnswer
 from asyndgan.nets import NetConfig, build_discriminator, build_generator, gan_loss, one_hot
 
 __all__ = [
     "Batch",
     "BatchSampler",
+    "Dropped",
+    "Exchange",
     "GeneratorTrainer",
     "LossTerm",
     "SiteStepError",
@@ -34,10 +39,6 @@ __all__ = [
     "TrainConfig",
     "site_seed",
 ]
-
-
-class SiteStepError(ValueError):
-    """The generator's message does not fit this site (shape, modality, non-finite values)."""
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,6 @@ class TrainConfig:
 def site_seed(seed: int, site_index: int) -> int:
     """Seed for site ``site_index`` of a run seeded with ``seed`` (same in-process and distributed)."""
     return (seed * 1_000_003 + 7919 * (site_index + 1)) % (2**31 - 1)
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    network: str  # "G" or "D"
-    modality: str
-    term: str
-    value: float
 
 
 @dataclass
@@ -262,19 +255,36 @@ class SiteTrainer:
         self.steps = int(state["steps"])
 
 
+@dataclass(frozen=True)
+class Dropped:
+    """Why a site is left out of a step: ``reason`` is a short label (deadline, unavailable, error, bad_reply,
+    bad_gradient, finished), ``detail`` a readable line."""
+
+    reason: str
+    detail: str = ""
+
+
+# exchange(fakes per site, in site order) -> per site, in the same order: its answer, or why it has none.
+Exchange = Callable[[list[torch.Tensor]], list[StepAnswer | Dropped]]
+
+
 @dataclass
 class StepOutcome:
-    """What one generator step did: which sites counted, with which weights, and G's weighted loss."""
+    """What one generator step did: per site its answer or why it was left out, the weights, G's loss."""
 
     step: int
-    answered: list[bool]
+    results: list[StepAnswer | Dropped]
     weights: list[float]
     generator_loss: float = math.nan
-    losses: list[list[LossTerm] | None] = field(default_factory=list)
+
+    @property
+    def answered(self) -> list[bool]:
+        """Per site: its gradient counted in this step."""
+        return [isinstance(r, StepAnswer) for r in self.results]
 
 
-# exchange(fakes per site) -> per site: (gradient, losses) or None if the site did not answer in time.
-Exchange = Callable[[list[torch.Tensor]], list[tuple[torch.Tensor, list[LossTerm]] | None]]
+def _total_loss(losses: Sequence[LossTerm]) -> float:
+    return next((t.value for t in losses if t.network == "G" and t.term == "total"), math.nan)
 
 
 class GeneratorTrainer:
@@ -301,6 +311,8 @@ class GeneratorTrainer:
         self.opt = _adam(self.G.parameters(), train.lr_g, train)
         self.max_grad_norm = max_grad_norm
         self.steps = 0
+        # Held for a whole step (forward, exchange, backward) and by readers of G (Synthesize, checkpoints).
+        self.lock = threading.RLock()
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """G(one_hot(labels)); the autograd graph is kept for :meth:`step`."""
@@ -308,7 +320,8 @@ class GeneratorTrainer:
 
     @torch.no_grad()
     def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.forward(labels).cpu()
+        with self.lock:
+            return self.forward(labels).cpu()
 
     def grad_ok(self, grad: torch.Tensor, like: torch.Tensor) -> bool:
         """A site's gradient is usable: right shape, finite, norm within ``max_grad_norm``."""
@@ -316,37 +329,47 @@ class GeneratorTrainer:
             return False
         return float(torch.linalg.vector_norm(grad)) <= self.max_grad_norm
 
+    def _usable(self, reply: StepAnswer | Dropped, like: torch.Tensor) -> StepAnswer | Dropped:
+        if isinstance(reply, StepAnswer) and not self.grad_ok(reply.grad, like):
+            return Dropped("bad_gradient", "non-finite, mis-shaped or larger than --max-grad-norm")
+        return reply
+
     def step(self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange) -> StepOutcome:
         """Forward all sites' label maps at once, exchange fakes for gradients, aggregate, step.
 
-        ``sizes`` are the sites' sample counts n_j. Aggregation runs in site order, never arrival order.
-        """
-        counts = [int(t.shape[0]) for t in labels]
-        fakes = self.forward(torch.cat(list(labels)))
-        parts = [p.detach().cpu() for p in fakes.split(counts)]
-        replies = exchange(parts)
-        answered = [r is not None and self.grad_ok(r[0], p) for r, p in zip(replies, parts, strict=True)]
-        total = sum(n for n, ok in zip(sizes, answered, strict=True) if ok)
-        weights = [n / total if ok else 0.0 for n, ok in zip(sizes, answered, strict=True)]
-        outcome = StepOutcome(self.steps, answered, weights, losses=[r[1] if r else None for r in replies])
-        if total == 0:
+        ``sizes`` are the sites' sample counts n_j. A site whose gradient is unusable is left out
+        (``Dropped("bad_gradient")``). Aggregation runs in site order, never arrival order."""
+        with self.lock:
+            counts = [int(t.shape[0]) for t in labels]
+            fakes = self.forward(torch.cat(list(labels)))
+            parts = [p.detach().cpu() for p in fakes.split(counts)]
+            results = [self._usable(r, p) for r, p in zip(exchange(parts), parts, strict=True)]
+            ok = [isinstance(r, StepAnswer) for r in results]
+            total = sum(n for n, k in zip(sizes, ok, strict=True) if k)
+            weights = [n / total if k else 0.0 for n, k in zip(sizes, ok, strict=True)]
+            outcome = StepOutcome(self.steps, results, weights)
+            if total == 0:
+                return outcome
+            grads = [
+                r.grad.to(self.device, torch.float32) * w
+                if isinstance(r, StepAnswer)
+                else torch.zeros_like(p, device=self.device)
+                for r, p, w in zip(results, parts, weights, strict=True)
+            ]
+            self.opt.zero_grad(set_to_none=True)
+            fakes.backward(torch.cat(grads))
+            self.opt.step()
+            self.steps += 1
+            outcome.generator_loss = sum(
+                w * _total_loss(r.losses) for r, w in zip(results, weights, strict=True) if isinstance(r, StepAnswer)
+            )
             return outcome
-        grads = [
-            r[0].to(self.device, torch.float32) * w if ok and r else torch.zeros_like(p, device=self.device)
-            for r, p, w, ok in zip(replies, parts, weights, answered, strict=True)
-        ]
-        self.opt.zero_grad(set_to_none=True)
-        fakes.backward(torch.cat(grads))
-        self.opt.step()
-        self.steps += 1
-        outcome.generator_loss = sum(
-            w * next(t.value for t in r[1] if t.network == "G" and t.term == "total")
-            for r, w, ok in zip(replies, weights, answered, strict=True)
-            if ok and r
-        )
-        return outcome
 
     def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "G": self.G.state_dict(),
             "opt": self.opt.state_dict(),

@@ -239,7 +239,7 @@ def cmd_generator(a: argparse.Namespace) -> int:
     )
     stop = stop_event_on_signals()
     registry, metrics_http = start_metrics(a, "generator")
-    service = GeneratorService(cfg, registry=registry)
+    service = GeneratorService.start(cfg, registry=registry)
     try:
         summary = service.train(stop)
         if registry is not None and a.out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import Batch, GeneratorTrainer, LossTerm, SiteTrainer, TrainConfig, site_seed
+from asyndgan.algorithm import Batch, Dropped, GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig, site_seed
 from asyndgan.data import SiteData
 from asyndgan.io import write_json_atomic
+from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig
 from asyndgan.report import Progress, heldout_l1, samples_png, steady_seconds
 
-__all__ = ["LocalResult", "LocalRun", "evaluate_heldout", "sample_rows", "train_local", "union_modalities"]
+__all__ = [
+    "InProcessSites",
+    "LocalResult",
+    "LocalRun",
+    "build_trainers",
+    "evaluate_heldout",
+    "run_steps",
+    "sample_rows",
+    "train_local",
+    "union_modalities",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +113,46 @@ def build_trainers(
     return site_trainers, gen
 
 
+class InProcessSites:
+    """The sites of an in-process run behind the same exchange surface as the network: each call trains
+    every site on its outstanding batch and draws its next one, as the discriminator service does."""
+
+    def __init__(self, trainers: list[SiteTrainer], modalities: tuple[str, ...]) -> None:
+        self.trainers = trainers
+        self.modalities = modalities
+        self.batches: list[Batch] = [t.next_batch() for t in trainers]
+        self.sizes = [len(t.data) for t in trainers]
+
+    def labels(self) -> list[torch.Tensor]:
+        return [b.labels for b in self.batches]
+
+    def __call__(self, fakes: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
+        answers: list[StepAnswer | Dropped] = []
+        for j, (t, b, part) in enumerate(zip(self.trainers, self.batches, fakes, strict=True)):
+            grad = t.step(b, part, self.modalities)
+            self.batches[j] = nxt = t.next_batch()
+            answers.append(StepAnswer(b.id, grad, list(t.last_losses), nxt.id, nxt.labels))
+        return answers
+
+
+def run_steps(
+    gen: GeneratorTrainer,
+    sites: InProcessSites,
+    steps: int,
+    on_step: Callable[[int, float, StepOutcome], None] | None = None,
+) -> list[float]:
+    """The in-process training loop (train-local and the evaluation): ``steps`` generator steps; after each,
+    ``on_step(step, seconds_of_that_step, outcome)``. Returns the seconds of each step (callbacks excluded)."""
+    seconds: list[float] = []
+    for it in range(1, steps + 1):
+        t = time.perf_counter()
+        outcome = gen.step(sites.labels(), sites.sizes, sites)
+        seconds.append(time.perf_counter() - t)
+        if on_step is not None:
+            on_step(it, seconds[-1], outcome)
+    return seconds
+
+
 def train_local(
     sites: list[SiteData],
     heldout: SiteData | None,
@@ -111,27 +163,17 @@ def train_local(
 ) -> LocalResult:
     """Train G against all sites in one process; write samples.png and summary.json under ``out``."""
     site_trainers, gen = build_trainers(sites, net, train, run)
-    modalities = gen.modalities
-    sizes = [len(s) for s in sites]
     l1_start = evaluate_heldout(gen, heldout, run.eval_samples) if heldout else math.nan
-    batches: list[Batch] = [st.next_batch() for st in site_trainers]
+    exchange = InProcessSites(site_trainers, gen.modalities)
     progress = Progress(run.iterations)
-    g_loss = math.nan
+    losses = [math.nan]
+
+    def on_step(it: int, _seconds: float, outcome: StepOutcome) -> None:
+        losses.append(outcome.generator_loss)
+        progress.update(it, g_loss=outcome.generator_loss)
+
     start = time.perf_counter()
-
-    def exchange(parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[LossTerm]] | None]:
-        return [
-            (st.step(b, p, modalities), st.last_losses) for st, b, p in zip(site_trainers, batches, parts, strict=True)
-        ]
-
-    step_seconds = []
-    for it in range(1, run.iterations + 1):
-        t = time.perf_counter()
-        outcome = gen.step([b.labels for b in batches], sizes, exchange)
-        g_loss = outcome.generator_loss
-        batches = [st.next_batch() for st in site_trainers]
-        step_seconds.append(time.perf_counter() - t)
-        progress.update(it, g_loss=g_loss)
+    step_seconds = run_steps(gen, exchange, run.iterations, on_step)
     seconds = time.perf_counter() - start
     l1_end = evaluate_heldout(gen, heldout, run.eval_samples) if heldout else math.nan
     summary: dict[str, Any] = {
@@ -139,17 +181,17 @@ def train_local(
         "iterations": run.iterations,
         "batch_size": run.batch_size,
         "sites": [{"name": s.name, "num_samples": len(s), "modalities": list(s.modalities)} for s in sites],
-        "modalities": list(modalities),
+        "modalities": list(gen.modalities),
         "seconds": round(seconds, 3),
         "seconds_per_step": round(seconds / max(run.iterations, 1), 4),
         "seconds_per_step_steady": round(steady_seconds(step_seconds), 4),
-        "generator_loss": g_loss,
+        "generator_loss": losses[-1],
         "l1_heldout_start": l1_start,
         "l1_heldout": l1_end,
         "torch_threads": torch.get_num_threads(),
     }
     if out is not None:
-        last = {s.name: b.labels.numpy() for s, b in zip(sites, batches, strict=True)}
+        last = {s.name: b.labels.numpy() for s, b in zip(sites, exchange.batches, strict=True)}
         samples_png(out / "samples.png", sample_rows(gen, last, heldout))
         write_json_atomic(out / "summary.json", summary)
         log.info("wrote %s and %s", out / "samples.png", out / "summary.json")

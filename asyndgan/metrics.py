@@ -1,6 +1,6 @@
 """Prometheus metrics for both services, always on an injected registry (tests use a fresh one).
 
-- :class:`GeneratorMetrics` is the generator's :class:`~asyndgan.services.generator.orchestrator.StepObserver`:
+- :class:`GeneratorMetrics` is the generator's :class:`~asyndgan.observer.StepObserver`:
   per-site bytes (wire and raw payload, fed by the same counters as ``summary.json``), client-side RPC latency,
   step time, iterations, active sites, drops and losses.
 - :class:`SiteCollector` exposes a discriminator's own step count and loss terms at scrape time.
@@ -32,12 +32,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from asyndgan import __version__
-from asyndgan.algorithm import LossTerm, StepOutcome
+from asyndgan.algorithm import StepOutcome
+from asyndgan.messages import LossTerm
+from asyndgan.rpc import handler_behavior, rewrap_handler
 
 __all__ = [
     "DIRECTIONS",
     "DROP_REASONS",
-    "FanoutObserver",
     "GeneratorMetrics",
     "GrpcServerMetrics",
     "MetricsHttpServer",
@@ -196,40 +197,6 @@ class GeneratorMetrics:
                 self.loss.labels(t.network, site, t.modality, t.term).set(t.value)
 
 
-class _Observer(Protocol):
-    def on_rpc(self, site: str, method: str, seconds: float, code: str) -> None: ...
-    def on_bytes(self, site: str, direction: str, wire: int, payload: int) -> None: ...
-    def on_drop(self, site: str, reason: str) -> None: ...
-    def on_step(
-        self, seconds: float, outcome: StepOutcome | None, active: int, site_losses: Mapping[str, Sequence[LossTerm]]
-    ) -> None: ...
-
-
-class FanoutObserver:
-    """Calls every observer's hook in turn (e.g. metrics plus a test's own observer)."""
-
-    def __init__(self, *observers: _Observer) -> None:
-        self.observers = observers
-
-    def on_rpc(self, site: str, method: str, seconds: float, code: str) -> None:
-        for o in self.observers:
-            o.on_rpc(site, method, seconds, code)
-
-    def on_bytes(self, site: str, direction: str, wire: int, payload: int) -> None:
-        for o in self.observers:
-            o.on_bytes(site, direction, wire, payload)
-
-    def on_drop(self, site: str, reason: str) -> None:
-        for o in self.observers:
-            o.on_drop(site, reason)
-
-    def on_step(
-        self, seconds: float, outcome: StepOutcome | None, active: int, site_losses: Mapping[str, Sequence[LossTerm]]
-    ) -> None:
-        for o in self.observers:
-            o.on_step(seconds, outcome, active, site_losses)
-
-
 # -- discriminator side ------------------------------------------------------------------------------
 
 
@@ -386,27 +353,11 @@ class GrpcServerMetrics(grpc.ServerInterceptor):
         kind = _grpc_type(handler)
         service, method = _split_method(handler_call_details.method)  # type: ignore[attr-defined]
         labels = (kind, service, method)
-        if kind == "unary":
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(labels, handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if kind == "server_stream":
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream_out(labels, handler.unary_stream, False),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if kind == "client_stream":
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(labels, handler.stream_unary, streaming_in=True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream_out(labels, handler.stream_stream, True),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        inner = handler_behavior(handler)
+        streaming_in = bool(handler.request_streaming)
+        if handler.response_streaming:
+            return rewrap_handler(handler, self._stream_out(labels, inner, streaming_in), handler.request_deserializer)
+        return rewrap_handler(handler, self._unary(labels, inner, streaming_in), handler.request_deserializer)
 
     def _unary(
         self, labels: tuple[str, str, str], behavior: Callable[..., Any], streaming_in: bool = False

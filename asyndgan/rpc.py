@@ -16,16 +16,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from asyndgan.algorithm import SiteStepError
-from asyndgan.codec import CodecError, LimitExceeded
+from asyndgan.codec import LimitExceeded
+from asyndgan.errors import FailedPrecondition
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
-    "FailedPrecondition",
     "Server",
     "TlsConfig",
+    "handler_behavior",
     "make_channel",
     "make_server",
+    "rewrap_handler",
     "status_code_for",
     "stop_event_on_signals",
     "translate_errors",
@@ -42,10 +43,6 @@ _KEEPALIVE = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-
-
-class FailedPrecondition(Exception):
-    """A call arrived in a state where it cannot be served (e.g. unknown or stale batch id)."""
 
 
 @dataclass(frozen=True)
@@ -128,12 +125,12 @@ def _reject(request: Any, context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
 
 
-def _behavior(h: grpc.RpcMethodHandler) -> Callable[..., Any]:
+def handler_behavior(h: grpc.RpcMethodHandler) -> Callable[..., Any]:
     """The handler's own function, whichever of the four call shapes it has."""
     return h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream  # type: ignore[no-any-return]
 
 
-def _rewrap(h: grpc.RpcMethodHandler, behavior: Callable[..., Any], deserializer: Any) -> grpc.RpcMethodHandler:
+def rewrap_handler(h: grpc.RpcMethodHandler, behavior: Callable[..., Any], deserializer: Any) -> grpc.RpcMethodHandler:
     """A handler of the same call shape as ``h`` running ``behavior`` instead (interceptors wrap with this)."""
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -151,14 +148,14 @@ class RejectMalformed(grpc.ServerInterceptor):
         h = continuation(details)
         if h is None or h.request_deserializer is None:
             return h
-        inner = _behavior(h)
+        inner = handler_behavior(h)
         if not h.request_streaming:
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 _reject(request, context)
                 return inner(request, context)
 
-            return _rewrap(h, unary, _tolerant(h.request_deserializer))
+            return rewrap_handler(h, unary, _tolerant(h.request_deserializer))
 
         def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             def checked() -> Iterator[Any]:
@@ -168,7 +165,7 @@ class RejectMalformed(grpc.ServerInterceptor):
 
             return inner(checked(), context)
 
-        return _rewrap(h, streaming, _tolerant(h.request_deserializer))
+        return rewrap_handler(h, streaming, _tolerant(h.request_deserializer))
 
 
 def peer_names(context: grpc.ServicerContext) -> set[str]:
@@ -192,13 +189,13 @@ class AllowClients(grpc.ServerInterceptor):
         h = continuation(details)
         if h is None or not details.method.startswith(self.prefixes):  # type: ignore[attr-defined]
             return h
-        inner = _behavior(h)
+        inner = handler_behavior(h)
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             self._check(context)
             return inner(request, context)
 
-        return _rewrap(h, guarded, h.request_deserializer)
+        return rewrap_handler(h, guarded, h.request_deserializer)
 
 
 def make_server(
@@ -263,11 +260,12 @@ def make_channel(
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    """The status code of a domain error (:mod:`asyndgan.errors`); anything else is INTERNAL."""
     if isinstance(exc, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, CodecError | SiteStepError | ValueError):
+    if isinstance(exc, ValueError):  # BadRequest, SiteStepError, CodecError, DataError
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, FailedPrecondition):
+    if isinstance(exc, FailedPrecondition):  # includes BudgetExhausted
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
 
@@ -282,7 +280,7 @@ def translate_errors(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except (CodecError, SiteStepError, ValueError, FailedPrecondition) as e:
+        except (ValueError, FailedPrecondition) as e:
             context.abort(status_code_for(e), str(e)[:500])
         except Exception:
             log.exception("internal error in %s", method.__name__)

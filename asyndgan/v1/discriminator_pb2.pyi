@@ -46,6 +46,7 @@ class SiteInfo(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     num_samples: _builtins.int
     height: _builtins.int
@@ -58,6 +59,12 @@ class SiteInfo(_message.Message):
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Modalities (image channels) this site holds, e.g. ["t1", "t2"]."""
 
+    @_builtins.property
+    def privacy(self) -> Global___Privacy:
+        """The site's privacy guard: "dp" (differentially private discriminator, GAN-only gradients)
+        or "none" (paper-faithful, unguarded: the gradients are an oracle for the real images).
+        """
+
     def __init__(
         self,
         *,
@@ -69,14 +76,50 @@ class SiteInfo(_message.Message):
         num_classes: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         version: _builtins.str = ...,
+        privacy: Global___Privacy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "height", b"height", "modalities", b"modalities", "num_classes", b"num_classes", "num_samples", b"num_samples", "site_id", b"site_id", "version", b"version", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "height", b"height", "modalities", b"modalities", "num_classes", b"num_classes", "num_samples", b"num_samples", "privacy", b"privacy", "site_id", b"site_id", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SiteInfo: _TypeAlias = SiteInfo  # noqa: Y015
+
+@_typing.final
+class Privacy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    EXHAUSTED_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"dp" or "none" """
+    epsilon_budget: _builtins.float
+    """the (epsilon, delta) the hospital allows; 0 when mode is "none" """
+    delta: _builtins.float
+    epsilon_spent: _builtins.float
+    """spent so far, from the site's write-ahead ledger"""
+    exhausted: _builtins.bool
+    """no further Step will be answered"""
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        epsilon_budget: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        epsilon_spent: _builtins.float = ...,
+        exhausted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon_budget", b"epsilon_budget", "epsilon_spent", b"epsilon_spent", "exhausted", b"exhausted", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Privacy: _TypeAlias = Privacy  # noqa: Y015
 
 @_typing.final
 class BatchRequest(_message.Message):
@@ -203,7 +246,10 @@ class StepReply(_message.Message):
     GRAD_FIELD_NUMBER: _builtins.int
     LOSSES_FIELD_NUMBER: _builtins.int
     NEXT_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
+    epsilon_spent: _builtins.float
+    """Privacy spent by the site after this step (0 when unguarded)."""
     @_builtins.property
     def grad(self) -> _tensor_pb2.Tensor:
         """d(site generator loss)/d(fakes), shape (B, C, H, W); zero for modalities the site lacks."""
@@ -221,10 +267,11 @@ class StepReply(_message.Message):
         grad: _tensor_pb2.Tensor | None = ...,
         losses: _abc.Iterable[Global___Loss] | None = ...,
         next: Global___ConditionBatch | None = ...,
+        epsilon_spent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad", b"grad", "next", b"next"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "grad", b"grad", "losses", b"losses", "next", b"next"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "epsilon_spent", b"epsilon_spent", "grad", b"grad", "losses", b"losses", "next", b"next"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,11 +338,14 @@ class SiteStatus(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LAST_LOSSES_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     steps: _builtins.int
     serving: _builtins.bool
     @_builtins.property
     def last_losses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Loss]: ...
+    @_builtins.property
+    def privacy(self) -> Global___Privacy: ...
     def __init__(
         self,
         *,
@@ -303,10 +353,11 @@ class SiteStatus(_message.Message):
         steps: _builtins.int = ...,
         last_losses: _abc.Iterable[Global___Loss] | None = ...,
         serving: _builtins.bool = ...,
+        privacy: Global___Privacy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_losses", b"last_losses", "serving", b"serving", "site_id", b"site_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_losses", b"last_losses", "privacy", b"privacy", "serving", b"serving", "site_id", b"site_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -97,6 +97,9 @@ class SiteState(_message.Message):
     STEPS_CONTRIBUTED_FIELD_NUMBER: _builtins.int
     STEPS_DROPPED_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     address: _builtins.str
     active: _builtins.bool
@@ -104,6 +107,11 @@ class SiteState(_message.Message):
     steps_contributed: _builtins.int
     steps_dropped: _builtins.int
     last_error: _builtins.str
+    privacy: _builtins.str
+    """The site's privacy guard ("dp" / "none") and the epsilon it reported as spent."""
+    epsilon_spent: _builtins.float
+    finished: _builtins.bool
+    """The site has spent its privacy budget: training goes on without it."""
     def __init__(
         self,
         *,
@@ -114,10 +122,13 @@ class SiteState(_message.Message):
         steps_contributed: _builtins.int = ...,
         steps_dropped: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        privacy: _builtins.str = ...,
+        epsilon_spent: _builtins.float = ...,
+        finished: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "address", b"address", "last_error", b"last_error", "num_samples", b"num_samples", "site_id", b"site_id", "steps_contributed", b"steps_contributed", "steps_dropped", b"steps_dropped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "address", b"address", "epsilon_spent", b"epsilon_spent", "finished", b"finished", "last_error", b"last_error", "num_samples", b"num_samples", "privacy", b"privacy", "site_id", b"site_id", "steps_contributed", b"steps_contributed", "steps_dropped", b"steps_dropped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,43 +8,24 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from asyndgan import __version__
-from asyndgan.algorithm import Batch, LossTerm, SiteTrainer, TrainConfig
+from asyndgan.algorithm import Batch, SiteTrainer, TrainConfig
 from asyndgan.data import SiteData
+from asyndgan.errors import FailedPrecondition
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint
+from asyndgan.messages import LossTerm, SiteDescription, SiteStatus, StepAnswer
 from asyndgan.nets import NetConfig
-from asyndgan.rpc import FailedPrecondition
 
-__all__ = ["Site", "SiteDescription", "StepResult"]
+__all__ = ["Site"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "discriminator.pt"
-
-
-@dataclass(frozen=True)
-class SiteDescription:
-    site_id: str
-    num_samples: int
-    modalities: tuple[str, ...]
-    height: int
-    width: int
-    num_classes: int
-    batch_size: int
-    version: str = __version__
-
-
-@dataclass
-class StepResult:
-    grad: torch.Tensor
-    losses: list[LossTerm]
-    next: Batch
 
 
 class Site:
@@ -95,7 +76,10 @@ class Site:
         with self._lock:
             return self._outstanding or self._draw()
 
-    def step(self, batch_id: int, fakes: torch.Tensor, channels: list[str]) -> StepResult:
+    def status(self) -> SiteStatus:
+        return SiteStatus(self.site_id, self.steps, list(self.last_losses), serving=True)
+
+    def step(self, batch_id: int, fakes: torch.Tensor, channels: Sequence[str]) -> StepAnswer:
         """Train on the outstanding batch with the generator's fakes; return gradient and the next batch."""
         with self._lock:
             batch = self._outstanding
@@ -104,7 +88,8 @@ class Site:
             if batch_id != batch.id:
                 raise FailedPrecondition(f"batch {batch_id} is not the outstanding batch {batch.id}")
             grad = self.trainer.step(batch, fakes, channels)
-            return StepResult(grad, list(self.trainer.last_losses), self._draw())
+            nxt = self._draw()
+            return StepAnswer(batch.id, grad, list(self.trainer.last_losses), nxt.id, nxt.labels)
 
     # -- checkpoints (site-local only) --------------------------------------------------------------
 

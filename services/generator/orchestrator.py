@@ -1,36 +1,40 @@
 """The generator's round logic: dial sites, check them, and run AsynDGAN steps with deadlines.
 
 Per step every active site gets G's images for its outstanding label maps (one ``Step`` RPC, all sites
-concurrently). A site that errors or misses the deadline is left out of that step, the weights are
-renormalised over the sites that answered, and it is asked for a fresh batch at the next step.
+concurrently, :class:`StepExchange`). A site that errors, misses the deadline or sends an unusable gradient is
+left out of that step (:meth:`Orchestrator._settle` is the one place that books it), the weights are renormalised
+over the sites that answered, and it is asked for a fresh batch at the next step. A site that has spent its
+privacy budget is finished: training goes on without it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from asyndgan import codec
-from asyndgan.algorithm import GeneratorTrainer, LossTerm, StepOutcome
+from asyndgan import codec, wire
+from asyndgan.algorithm import Dropped, GeneratorTrainer, StepOutcome
+from asyndgan.errors import BUDGET_EXHAUSTED_PREFIX, IncompatibleSites
+from asyndgan.messages import LossTerm, SiteDescription, SiteState, StepAnswer, StepWork
+from asyndgan.observer import NullObserver, StepObserver
 from asyndgan.rpc import TlsConfig, make_channel
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 from asyndgan.v1 import tensor_pb2
 
 __all__ = [
-    "IncompatibleSites",
     "Orchestrator",
     "OrchestratorConfig",
     "SiteLink",
-    "StepObserver",
+    "SitesFinished",
+    "StepExchange",
     "check_compatible",
 ]
 
@@ -39,8 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class IncompatibleSites(ValueError):
-    """The sites cannot train one generator together (geometry or classes differ)."""
+class SitesFinished(Exception):
+    """Every site has spent its privacy budget: there is nothing left to train on."""
 
 
 @dataclass(frozen=True)
@@ -54,35 +58,6 @@ class OrchestratorConfig:
     backoff_s: float = 0.2
 
 
-class StepObserver(Protocol):
-    """Hooks for metrics; every method is optional to act on."""
-
-    def on_rpc(self, site: str, method: str, seconds: float, code: str) -> None: ...
-    def on_bytes(self, site: str, direction: str, wire: int, payload: int) -> None: ...
-    def on_drop(self, site: str, reason: str) -> None: ...
-    def on_step(
-        self, seconds: float, outcome: StepOutcome | None, active: int, site_losses: Mapping[str, Sequence[LossTerm]]
-    ) -> None:
-        """After each step attempt: its duration, outcome (None: no site could take part), sites that counted,
-        and each site's last loss terms."""
-
-
-class NullObserver:
-    def on_rpc(self, site: str, method: str, seconds: float, code: str) -> None:
-        pass
-
-    def on_bytes(self, site: str, direction: str, wire: int, payload: int) -> None:
-        pass
-
-    def on_drop(self, site: str, reason: str) -> None:
-        pass
-
-    def on_step(
-        self, seconds: float, outcome: StepOutcome | None, active: int, site_losses: Mapping[str, Sequence[LossTerm]]
-    ) -> None:
-        pass
-
-
 @dataclass
 class SiteLink:
     """One site as the generator sees it: its channel, description, outstanding batch and counters."""
@@ -91,10 +66,11 @@ class SiteLink:
     address: str
     stub: pb_grpc.DiscriminatorStub
     channel: grpc.Channel
-    info: pb.SiteInfo | None = None
+    info: SiteDescription | None = None
     batch_id: int = 0
     labels: torch.Tensor | None = None
     active: bool = False
+    finished: bool = False
     contributed: int = 0
     dropped: int = 0
     last_error: str = ""
@@ -102,6 +78,7 @@ class SiteLink:
     wire_received: int = 0
     payload_sent: int = 0
     payload_received: int = 0
+    epsilon_spent: float = 0.0
     last_losses: list[LossTerm] = field(default_factory=list)
 
     @classmethod
@@ -109,8 +86,23 @@ class SiteLink:
         channel = make_channel(address, tls=tls, server_name=name if tls else None)
         return cls(name, address, pb_grpc.DiscriminatorStub(channel), channel)
 
+    def state(self) -> SiteState:
+        info = self.info
+        return SiteState(
+            site_id=self.name,
+            address=self.address,
+            active=self.active,
+            num_samples=info.num_samples if info else 0,
+            steps_contributed=self.contributed,
+            steps_dropped=self.dropped,
+            last_error=self.last_error,
+            privacy=info.privacy.mode if info else "",
+            epsilon_spent=self.epsilon_spent,
+            finished=self.finished,
+        )
 
-def check_compatible(infos: Sequence[pb.SiteInfo]) -> tuple[int, int, int, tuple[str, ...]]:
+
+def check_compatible(infos: Sequence[SiteDescription]) -> tuple[int, int, int, tuple[str, ...]]:
     """(height, width, num_classes, modalities) shared by all sites, or IncompatibleSites."""
     first = infos[0]
     for i in infos[1:]:
@@ -130,8 +122,65 @@ def check_compatible(infos: Sequence[pb.SiteInfo]) -> tuple[int, int, int, tuple
     return first.height, first.width, first.num_classes, tuple(modalities)
 
 
-def _losses(reply: pb.StepReply) -> list[LossTerm]:
-    return [LossTerm(t.network, t.modality, t.term, t.value) for t in reply.losses]
+def _dropped(e: grpc.RpcError) -> Dropped:
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(BUDGET_EXHAUSTED_PREFIX):
+        return Dropped("finished", details)
+    reason = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline", grpc.StatusCode.UNAVAILABLE: "unavailable"}
+    return Dropped(reason.get(code, "error"), f"{code.name}: {details}")
+
+
+Counter = Callable[[SiteLink, str, Any, Sequence[tensor_pb2.Tensor]], None]
+
+
+class StepExchange:
+    """One step's round trip: G's images to every site at once, per site its :class:`StepAnswer` or why not.
+
+    It only talks and decodes; it changes no link (the orchestrator settles the outcome afterwards)."""
+
+    def __init__(
+        self, links: Sequence[SiteLink], cfg: OrchestratorConfig, observer: StepObserver, count: Counter, step: int
+    ) -> None:
+        self.links, self.cfg, self.observer, self.count, self.step = links, cfg, observer, count, step
+
+    def _send(self, link: SiteLink, part: torch.Tensor, modalities: tuple[str, ...]) -> grpc.Future:
+        work = StepWork(
+            link.batch_id,
+            part,
+            modalities,
+            self.step,
+            codec.Codec.parse(self.cfg.grad_codec),
+            codec.Codec.parse(self.cfg.label_codec),
+        )
+        req = wire.step_request_to_proto(work, codec.Codec.parse(self.cfg.image_codec))
+        self.count(link, "sent", req, [req.fakes])
+        return link.stub.Step.future(req, timeout=self.cfg.step_deadline_s)
+
+    def _receive(self, link: SiteLink, part: torch.Tensor, fut: grpc.Future, seconds: float) -> StepAnswer | Dropped:
+        try:
+            reply = fut.result()
+        except grpc.RpcError as e:
+            self.observer.on_rpc(link.name, "Step", seconds, e.code().name)
+            return _dropped(e)
+        self.observer.on_rpc(link.name, "Step", seconds, "OK")
+        self.count(link, "received", reply, [reply.grad, reply.next.labels])
+        assert link.info is not None
+        try:
+            return wire.step_reply_from_proto(reply, part, link.info)
+        except codec.CodecError as e:
+            return Dropped("bad_reply", str(e))
+
+    def __call__(self, parts: list[torch.Tensor], modalities: tuple[str, ...]) -> list[StepAnswer | Dropped]:
+        finished: dict[str, float] = {}  # per-site completion time, whatever order we read them in
+        sent = []
+        for link, part in zip(self.links, parts, strict=True):
+            fut = self._send(link, part, modalities)
+            fut.add_done_callback(lambda _f, name=link.name: finished.setdefault(name, time.perf_counter()))
+            sent.append((time.perf_counter(), fut))
+        return [
+            self._receive(link, part, fut, finished.get(link.name, time.perf_counter()) - start)
+            for link, part, (start, fut) in zip(self.links, parts, sent, strict=True)
+        ]
 
 
 class Orchestrator:
@@ -148,7 +197,6 @@ class Orchestrator:
         self.links = list(links)
         self.cfg = cfg
         self.observer: StepObserver = observer or NullObserver()
-        self.lock = threading.Lock()
 
     # -- calls ---------------------------------------------------------------------------------------
 
@@ -170,41 +218,21 @@ class Orchestrator:
         raise AssertionError("unreachable")
 
     def _count(self, link: SiteLink, direction: str, msg: Any, tensors: Sequence[tensor_pb2.Tensor]) -> None:
-        wire = msg.ByteSize()
+        wire_bytes = msg.ByteSize()
         payload = sum(codec.raw_nbytes(t) for t in tensors)
         if direction == "sent":
-            link.wire_sent += wire
+            link.wire_sent += wire_bytes
             link.payload_sent += payload
         else:
-            link.wire_received += wire
+            link.wire_received += wire_bytes
             link.payload_received += payload
-        self.observer.on_bytes(link.name, direction, wire, payload)
-
-    def _take_batch(self, link: SiteLink, batch: pb.ConditionBatch) -> None:
-        assert link.info is not None
-        limits = codec.Limits(max_elements=link.info.batch_size * link.info.height * link.info.width)
-        labels = codec.decode(batch.labels, limits)
-        if labels.dim() != 3 or tuple(labels.shape[1:]) != (link.info.height, link.info.width):
-            raise codec.CodecError(f"label batch of shape {tuple(labels.shape)} from {link.name}")
-        if labels.numel() and int(labels.max()) >= link.info.num_classes:
-            raise codec.CodecError(f"label value out of range from {link.name}")
-        link.batch_id, link.labels = batch.batch_id, labels
-
-    def _drop(self, link: SiteLink, reason: str, detail: str) -> None:
-        if link.active:
-            log.warning("site %s left out of this step: %s (%s)", link.name, reason, detail)
-        link.active = False
-        link.labels = None
-        link.dropped += 1
-        link.last_error = f"{reason}: {detail}"[:300]
-        self.observer.on_drop(link.name, reason)
+        self.observer.on_bytes(link.name, direction, wire_bytes, payload)
 
     def connect(self) -> tuple[int, int, int, tuple[str, ...]]:
         """Describe every site (all must answer) and check they can train one generator."""
-        infos = []
         for link in self.links:
             try:
-                link.info = self._call(
+                reply = self._call(
                     link,
                     "Describe",
                     lambda lk=link: lk.stub.Describe(  # type: ignore[misc]
@@ -213,23 +241,47 @@ class Orchestrator:
                 )
             except grpc.RpcError as e:
                 raise ConnectionError(f"site {link.name} at {link.address}: {e.code().name}") from e
-            infos.append(link.info)
+            link.info = info = wire.site_info_from_proto(reply)
+            link.epsilon_spent = info.privacy.epsilon_spent
+            link.finished = info.privacy.exhausted
             log.info(
-                "site %s: %d samples, modalities %s, %dx%d, %d classes",
+                "site %s: %d samples, modalities %s, %dx%d, %d classes, privacy %s",
                 link.name,
-                link.info.num_samples,
-                list(link.info.modalities),
-                link.info.height,
-                link.info.width,
-                link.info.num_classes,
+                info.num_samples,
+                list(info.modalities),
+                info.height,
+                info.width,
+                info.num_classes,
+                info.privacy.mode if info.privacy.guarded else "NONE (unguarded: its gradients leak its images)",
             )
-        return check_compatible(infos)
+        return check_compatible([link.info for link in self.links if link.info is not None])
+
+    # -- bookkeeping: the one place that decides who is in and who is left out ----------------------
+
+    def _settle(self, link: SiteLink, result: StepAnswer | Dropped) -> None:
+        if isinstance(result, StepAnswer):
+            link.contributed += 1
+            link.batch_id, link.labels = result.next_batch_id, result.next_labels
+            link.last_losses = result.losses
+            link.epsilon_spent = result.epsilon_spent
+            return
+        if result.reason == "finished":
+            if not link.finished:
+                log.info("site %s is finished: %s", link.name, result.detail)
+            link.finished = True
+        elif link.active:
+            log.warning("site %s left out of this step: %s (%s)", link.name, result.reason, result.detail)
+        link.active = False
+        link.labels = None
+        link.dropped += 1
+        link.last_error = f"{result.reason}: {result.detail}"[:300]
+        self.observer.on_drop(link.name, result.reason)
 
     def _ensure_batch(self, link: SiteLink) -> None:
-        if link.labels is not None:
+        if link.labels is not None or link.finished:
             return
+        req = pb.BatchRequest(label_codec=self.cfg.label_codec)
         try:
-            req = pb.BatchRequest(label_codec=self.cfg.label_codec)
             # A site that is down gets one try per step, so it does not slow the others down.
             reply = self._call(
                 link,
@@ -238,78 +290,36 @@ class Orchestrator:
                 retries=self.cfg.retries if link.active else 0,
             )
             self._count(link, "received", reply, [reply.labels])
-            self._take_batch(link, reply)
-            if not link.active:
-                log.info("site %s is (back) in", link.name)
-            link.active = True
+            assert link.info is not None
+            link.batch_id, link.labels = wire.batch_from_proto(reply, link.info)
         except grpc.RpcError as e:
-            self._drop(link, "unavailable" if e.code() == grpc.StatusCode.UNAVAILABLE else "error", e.code().name)
+            self._settle(link, _dropped(e))
+            return
         except codec.CodecError as e:
-            self._drop(link, "bad_reply", str(e))
+            self._settle(link, Dropped("bad_reply", str(e)))
+            return
+        if not link.active:
+            log.info("site %s is (back) in", link.name)
+        link.active = True
 
     # -- one step ------------------------------------------------------------------------------------
 
     def step(self, gen: GeneratorTrainer) -> StepOutcome:
-        """One generator step over all sites that have a batch; raises if no site can take part."""
+        """One generator step over all sites that have a batch; raises ConnectionError if no site can take
+        part and SitesFinished once every site has spent its budget."""
         for link in self.links:
             self._ensure_batch(link)
+        if all(link.finished for link in self.links):
+            raise SitesFinished("every site has spent its privacy budget")
         links = [link for link in self.links if link.labels is not None]
         if not links:
             raise ConnectionError("no site is reachable")
-        channels = list(gen.modalities)
-
-        def exchange(parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[LossTerm]] | None]:
-            futures = []
-            finished: dict[str, float] = {}  # per-site completion time, whatever order we read them in
-            for link, part in zip(links, parts, strict=True):
-                req = pb.StepRequest(
-                    batch_id=link.batch_id,
-                    fakes=codec.encode(part, self.cfg.image_codec),
-                    modalities=channels,
-                    grad_codec=self.cfg.grad_codec,
-                    label_codec=self.cfg.label_codec,
-                    step=gen.steps,
-                )
-                self._count(link, "sent", req, [req.fakes])
-                fut = link.stub.Step.future(req, timeout=self.cfg.step_deadline_s)
-                fut.add_done_callback(lambda _f, name=link.name: finished.setdefault(name, time.perf_counter()))
-                futures.append((time.perf_counter(), fut))
-            replies: list[tuple[torch.Tensor, list[LossTerm]] | None] = []
-            for link, part, (start, fut) in zip(links, parts, futures, strict=True):
-                try:
-                    reply = fut.result()
-                    self.observer.on_rpc(link.name, "Step", finished.get(link.name, time.perf_counter()) - start, "OK")
-                    self._count(link, "received", reply, [reply.grad, reply.next.labels])
-                    grad = codec.decode(reply.grad, codec.Limits(max_elements=max(part.numel(), 1)))
-                    self._take_batch(link, reply.next)
-                    link.last_losses = _losses(reply)
-                    replies.append((grad, link.last_losses))
-                except grpc.RpcError as e:
-                    elapsed = finished.get(link.name, time.perf_counter()) - start
-                    self.observer.on_rpc(link.name, "Step", elapsed, e.code().name)
-                    reason = {
-                        grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
-                        grpc.StatusCode.UNAVAILABLE: "unavailable",
-                    }.get(e.code(), "error")
-                    self._drop(link, reason, f"{e.code().name}: {e.details()}")
-                    replies.append(None)
-                except codec.CodecError as e:
-                    self._drop(link, "bad_reply", str(e))
-                    replies.append(None)
-            return replies
-
-        with self.lock:
-            sizes = [int(link.info.num_samples) if link.info else 0 for link in links]
-            labels = [link.labels for link in links if link.labels is not None]
-            outcome = gen.step(labels, sizes, exchange)
-        for link, ok, r in zip(links, outcome.answered, outcome.losses, strict=True):
-            if ok:
-                link.contributed += 1
-            elif r is not None:  # answered, but its gradient was unusable
-                link.dropped += 1
-                link.last_error = "bad_gradient"
-                self.observer.on_drop(link.name, "bad_gradient")
-                log.warning("site %s: gradient rejected (non-finite, wrong shape or too large)", link.name)
+        exchange = StepExchange(links, self.cfg, self.observer, self._count, gen.steps)
+        sizes = [link.info.num_samples if link.info else 0 for link in links]
+        labels = [link.labels for link in links if link.labels is not None]
+        outcome = gen.step(labels, sizes, lambda parts: exchange(parts, gen.modalities))
+        for link, result in zip(links, outcome.results, strict=True):
+            self._settle(link, result)
         return outcome
 
     def checkpoint_sites(self) -> None:

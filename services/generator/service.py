@@ -15,15 +15,17 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from asyndgan import codec
-from asyndgan.algorithm import GeneratorTrainer, TrainConfig
+from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
 from asyndgan.data import SiteData, load_site
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint, write_bytes_atomic, write_json_atomic
 from asyndgan.local import evaluate_heldout, sample_rows
-from asyndgan.metrics import FanoutObserver, GeneratorMetrics, GrpcServerMetrics
+from asyndgan.messages import TrainingState
+from asyndgan.metrics import GeneratorMetrics, GrpcServerMetrics
 from asyndgan.nets import NetConfig
+from asyndgan.observer import FanoutObserver, StepObserver
 from asyndgan.report import Progress, samples_png, steady_seconds
 from asyndgan.rpc import Server, TlsConfig, make_server
-from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, StepObserver
+from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, SitesFinished
 from asyndgan.services.generator.servicer import GeneratorServicer
 from asyndgan.v1 import generator_pb2 as gpb
 from asyndgan.v1 import generator_pb2_grpc as gpb_grpc
@@ -71,47 +73,58 @@ class GeneratorConfig:
 
 
 class GeneratorService:
-    """Build with :meth:`start` (dials sites, loads or creates G, starts the server); then :meth:`train`."""
+    """The running generator: G, the site links and the gRPC server. Build it with :meth:`start`; then
+    :meth:`train`, and :meth:`stop` at the end."""
 
-    def __init__(
-        self,
+    server: Server  # set by start(), once the service exists for its Status
+
+    def __init__(self, cfg: GeneratorConfig, orch: Orchestrator, gen: GeneratorTrainer, shape: tuple[int, int]) -> None:
+        self.cfg, self.orch, self.gen = cfg, orch, gen
+        self.height, self.width = shape
+        self.heldout: SiteData | None = load_site(cfg.heldout, size=self.height) if cfg.heldout else None
+        self.training = False
+        self.generator_loss = math.nan
+        self.step_seconds: list[float] = []
+
+    @classmethod
+    def start(
+        cls,
         cfg: GeneratorConfig,
         observer: StepObserver | None = None,
         registry: CollectorRegistry | None = None,
-    ) -> None:
-        """With ``registry``, training metrics and gRPC server metrics are registered on it."""
+    ) -> GeneratorService:
+        """Dial and describe the sites, build G (resuming from its checkpoint with ``cfg.resume``), load the
+        held-out set, start serving. With ``registry``, training and gRPC server metrics are registered on it."""
         cfg.validate()
-        self.cfg = cfg
         interceptors: tuple[grpc.ServerInterceptor, ...] = ()
         if registry is not None:
             metrics = GeneratorMetrics(registry, [name for name, _ in cfg.sites])
             observer = FanoutObserver(observer, metrics) if observer is not None else metrics
             interceptors = (GrpcServerMetrics(registry, [gpb.DESCRIPTOR.services_by_name["Generator"]]),)
-        links = [SiteLink.dial(name, addr, cfg.tls) for name, addr in cfg.sites]
-        self.orch = Orchestrator(links, cfg.orchestrator, observer)
-        self.height, self.width, self.num_classes, self.modalities = self.orch.connect()
-        self.gen = GeneratorTrainer(
+        orch = Orchestrator(
+            [SiteLink.dial(name, addr, cfg.tls) for name, addr in cfg.sites], cfg.orchestrator, observer
+        )
+        height, width, num_classes, modalities = orch.connect()
+        gen = GeneratorTrainer(
             cfg.net,
             cfg.train,
-            num_classes=self.num_classes,
-            modalities=self.modalities,
+            num_classes=num_classes,
+            modalities=modalities,
             seed=cfg.seed,
-            image_size=min(self.height, self.width),
+            image_size=min(height, width),
             device=cfg.device,
             max_grad_norm=cfg.max_grad_norm,
         )
         ckpt = cfg.checkpoint_dir / CHECKPOINT_FILE
         remove_stale_temp(ckpt)
         if cfg.resume and ckpt.exists():
-            self.gen.load_state_dict(load_checkpoint(ckpt))
-            log.info("resumed generator at step %d", self.gen.steps)
-        self.heldout: SiteData | None = load_site(cfg.heldout, size=self.height) if cfg.heldout else None
-        self.training = False
-        self.generator_loss = math.nan
-        self.server: Server = make_server(
+            gen.load_state_dict(load_checkpoint(ckpt))
+            log.info("resumed generator at step %d", gen.steps)
+        service = cls(cfg, orch, gen, (height, width))
+        service.server = make_server(
             cfg.listen,
             lambda s: gpb_grpc.add_GeneratorServicer_to_server(
-                GeneratorServicer(self.gen, self.orch.lock, self.height, self.width, self.status), s
+                GeneratorServicer(gen, height, width, service.status), s
             ),
             [gpb.DESCRIPTOR.services_by_name["Generator"].full_name],
             tls=cfg.tls,
@@ -119,75 +132,72 @@ class GeneratorService:
             interceptors=interceptors,
         )
         if cfg.port_file:
-            write_bytes_atomic(cfg.port_file, str(self.server.port).encode())
-        self.server.set_serving(True)
-        log.info("generator serving on port %d; modalities %s", self.server.port, list(self.modalities))
+            write_bytes_atomic(cfg.port_file, str(service.server.port).encode())
+        service.server.set_serving(True)
+        log.info("generator serving on port %d; modalities %s", service.server.port, list(modalities))
+        return service
 
-    def status(self) -> gpb.TrainingStatus:
-        o = self.orch
-        return gpb.TrainingStatus(
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.gen.modalities
+
+    def status(self) -> TrainingState:
+        links = self.orch.links
+        return TrainingState(
             step=self.gen.steps,
             target_steps=self.cfg.iterations,
             training=self.training,
-            sites=[
-                gpb.SiteState(
-                    site_id=lk.name,
-                    address=lk.address,
-                    active=lk.active,
-                    num_samples=lk.info.num_samples if lk.info else 0,
-                    steps_contributed=lk.contributed,
-                    steps_dropped=lk.dropped,
-                    last_error=lk.last_error,
-                )
-                for lk in o.links
-            ],
-            modalities=list(self.modalities),
+            sites=[lk.state() for lk in links],
+            modalities=self.gen.modalities,
             height=self.height,
             width=self.width,
-            num_classes=self.num_classes,
+            num_classes=self.gen.num_classes,
             generator_loss=self.generator_loss,
-            wire_bytes_sent=sum(lk.wire_sent for lk in o.links),
-            wire_bytes_received=sum(lk.wire_received for lk in o.links),
+            wire_bytes_sent=sum(lk.wire_sent for lk in links),
+            wire_bytes_received=sum(lk.wire_received for lk in links),
         )
 
     def checkpoint(self) -> None:
         """Generator state here, and each site's state at that site, at the same step."""
-        with self.orch.lock:
-            save_checkpoint(self.cfg.checkpoint_dir / CHECKPOINT_FILE, self.gen.state_dict())
+        save_checkpoint(self.cfg.checkpoint_dir / CHECKPOINT_FILE, self.gen.state_dict())
         self.orch.checkpoint_sites()
         log.info("checkpoint at step %d", self.gen.steps)
 
+    def _train_step(self, stop: threading.Event) -> StepOutcome | None:
+        """One step attempt with its metrics; None when no site could take part (then waits a little)."""
+        start = time.perf_counter()
+        try:
+            outcome = self.orch.step(self.gen)
+        except ConnectionError as e:
+            self.orch.observer.on_step(time.perf_counter() - start, None, 0, {})
+            log.warning("%s; retrying in %.0f s", e, RETRY_IDLE_S)
+            stop.wait(RETRY_IDLE_S)
+            return None
+        self.step_seconds.append(time.perf_counter() - start)
+        links = self.orch.links
+        answered = sum(outcome.answered)
+        self.orch.observer.on_step(self.step_seconds[-1], outcome, answered, {lk.name: lk.last_losses for lk in links})
+        if not math.isnan(outcome.generator_loss):
+            self.generator_loss = outcome.generator_loss
+        return outcome
+
     def train(self, stop: threading.Event | None = None, until: int | None = None) -> dict[str, Any]:
-        """Train until step ``until`` (default: ``iterations``) or ``stop``; checkpoint; write summary."""
+        """Train until step ``until`` (default: ``iterations``), ``stop``, or until every site has spent its
+        privacy budget; checkpoint; write the summary."""
         stop = stop or threading.Event()
-        cfg = self.cfg
-        target = cfg.iterations if until is None else until
+        target = self.cfg.iterations if until is None else until
         l1_start = self._l1()
         start_step = self.gen.steps
         progress = Progress(target)
         self.training = True
-        self.step_seconds: list[float] = []
+        self.step_seconds = []
         t0 = time.perf_counter()
         try:
             while self.gen.steps < target and not stop.is_set():
-                step_start = time.perf_counter()
-                try:
-                    outcome = self.orch.step(self.gen)
-                except ConnectionError as e:
-                    self.orch.observer.on_step(time.perf_counter() - step_start, None, 0, {})
-                    log.warning("%s; retrying in %.0f s", e, RETRY_IDLE_S)
-                    stop.wait(RETRY_IDLE_S)
+                outcome = self._train_step(stop)
+                if outcome is None:
                     continue
-                self.step_seconds.append(time.perf_counter() - step_start)
-                self.orch.observer.on_step(
-                    self.step_seconds[-1],
-                    outcome,
-                    sum(outcome.answered),
-                    {lk.name: lk.last_losses for lk in self.orch.links},
-                )
-                if not math.isnan(outcome.generator_loss):
-                    self.generator_loss = outcome.generator_loss
-                if self.gen.steps % cfg.checkpoint_every == 0 and any(outcome.answered):
+                if self.gen.steps % self.cfg.checkpoint_every == 0 and any(outcome.answered):
                     self.checkpoint()
                 links = self.orch.links
                 progress.update(
@@ -196,6 +206,8 @@ class GeneratorService:
                     sites=f"{sum(outcome.answered)}/{len(links)}",
                     MB=f"{sum(lk.wire_sent + lk.wire_received for lk in links) / 1e6:.1f}",
                 )
+        except SitesFinished as e:
+            log.info("training ends at step %d: %s", self.gen.steps, e)
         finally:
             self.training = False
             self.checkpoint()
@@ -205,7 +217,7 @@ class GeneratorService:
     def _l1(self) -> float:
         if self.heldout is None:
             return math.nan
-        with self.orch.lock:
+        with self.gen.lock:
             return evaluate_heldout(self.gen, self.heldout, self.cfg.eval_samples)
 
     def _summary(self, seconds: float, steps: int, l1_start: float) -> dict[str, Any]:
@@ -226,7 +238,7 @@ class GeneratorService:
                 }
                 for lk in links
             ],
-            "modalities": list(self.modalities),
+            "modalities": list(self.gen.modalities),
             "seconds": round(seconds, 3),
             "seconds_per_step": round(seconds / max(steps, 1), 4),
             "seconds_per_step_steady": round(steady_seconds(self.step_seconds), 4),
@@ -249,7 +261,7 @@ class GeneratorService:
         summary["wire_to_payload"] = round(wire / summary["payload_bytes"], 4) if summary["payload_bytes"] else None
         if self.cfg.out is not None:
             last = {lk.name: lk.labels.numpy() for lk in links if lk.labels is not None}
-            with self.orch.lock:
+            with self.gen.lock:
                 rows = sample_rows(self.gen, last, self.heldout)
             samples_png(self.cfg.out / "samples.png", rows)
             write_json_atomic(self.cfg.out / "summary.json", summary)

@@ -76,7 +76,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     tmp = tmp_path_factory.mktemp("grpcurl")
     cfg = DiscriminatorConfig(site_id=SITE, data=site_spec(0, 2), batch_size=BATCH, net=NET, train=TRAIN)
     _, server = start_discriminator(cfg)
-    gen = GeneratorService(
+    gen = GeneratorService.start(
         GeneratorConfig(
             sites=((SITE, f"127.0.0.1:{server.port}"),),
             iterations=2,

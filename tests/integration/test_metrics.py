@@ -128,7 +128,7 @@ def start_cluster(tmp: Path, iterations: int, out: Path | None = None) -> Cluste
         train=TRAIN,
         out=out,
     )
-    return Cluster(sites, GeneratorService(gcfg, registry=registry), registry)
+    return Cluster(sites, GeneratorService.start(gcfg, registry=registry), registry)
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,7 @@ def test_health_serving_only_when_loaded_and_not_serving_during_shutdown(
         assert site_seen == ["NOT_SERVING"]
         assert health_status(server.port) == "SERVING"
         assert health_status(server.port, "asyndgan.v1.Discriminator") == "SERVING"
-        gen = GeneratorService(
+        gen = GeneratorService.start(
             GeneratorConfig(
                 sites=(("hospital-0", f"127.0.0.1:{server.port}"),),
                 iterations=0,

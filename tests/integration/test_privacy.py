@@ -83,7 +83,7 @@ def test_no_real_image_leaves_a_site(tmp_path: Path, caplog: pytest.LogCaptureFi
     caplog.set_level(logging.DEBUG)
     recorders = {j: Recorder() for j in range(2)}
     sites = start_sites(2, tmp_path, interceptors={j: (r,) for j, r in recorders.items()})
-    svc = GeneratorService(generator_config(sites, tmp_path, 6, "f32"))
+    svc = GeneratorService.start(generator_config(sites, tmp_path, 6, "f32"))
     try:
         svc.train()
     finally:

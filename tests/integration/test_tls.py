@@ -48,7 +48,7 @@ def train_over_tls(
     sites: list[tuple[Site, Server]], tmp_path: Path, ca_dir: Path, steps: int, codec: str = "f32"
 ) -> int:
     """Train a generator with the "generator" certificate for ``steps`` steps; the steps it made."""
-    svc = GeneratorService(generator_config(sites, tmp_path, steps, codec, tls=tls_for(ca_dir, "generator")))
+    svc = GeneratorService.start(generator_config(sites, tmp_path, steps, codec, tls=tls_for(ca_dir, "generator")))
     try:
         svc.train()
         return svc.gen.steps
@@ -85,7 +85,7 @@ def test_site_with_another_sites_certificate_is_refused(tmp_path: Path, pki: tup
             sites, tmp_path, 1, tls=tls_for(good, "generator"), orchestrator={"connect_deadline_s": 3.0}
         )
         with pytest.raises(ConnectionError, match="site-0"):
-            GeneratorService(cfg)
+            GeneratorService.start(cfg)
     finally:
         stop_sites(sites)
 

@@ -9,6 +9,7 @@ import torch
 
 from asyndgan.algorithm import (
     BatchSampler,
+    Dropped,
     GeneratorTrainer,
     LossTerm,
     SiteStepError,
@@ -16,6 +17,7 @@ from asyndgan.algorithm import (
     TrainConfig,
 )
 from asyndgan.io import load_checkpoint, save_checkpoint
+from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig, gan_loss, one_hot
 from tests.conftest import make_site
 
@@ -146,9 +148,13 @@ def test_site_state_round_trip(tmp_path: Path) -> None:
 # -- generator step -----------------------------------------------------------------------------------
 
 
+def answer(grad: torch.Tensor, losses: list[LossTerm]) -> StepAnswer:
+    return StepAnswer(1, grad, losses, 2, torch.zeros(0, 32, 32, dtype=torch.uint8))
+
+
 def fixed_exchange(grads: list[torch.Tensor | None]):  # type: ignore[no-untyped-def]
-    def exchange(parts: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[LossTerm]] | None]:
-        return [None if g is None else (g, [LossTerm("G", "", "total", 1.0)]) for g in grads]
+    def exchange(parts: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
+        return [Dropped("deadline") if g is None else answer(g, [LossTerm("G", "", "total", 1.0)]) for g in grads]
 
     return exchange
 
@@ -213,7 +219,7 @@ def test_training_is_deterministic_under_a_seed(one_thread: None) -> None:
         gen = generator()
         for _ in range(3):
             b = st.next_batch()
-            gen.step([b.labels], [12], lambda parts, b=b: [(st.step(b, parts[0], ["t1"]), st.last_losses)])
+            gen.step([b.labels], [12], lambda parts, b=b: [answer(st.step(b, parts[0], ["t1"]), st.last_losses)])
         return params(gen.G)
 
     assert torch.equal(run(), run())

@@ -1,0 +1,293 @@
+"""The one place that turns ``asyndgan.v1`` messages into domain values and back (``x_to_proto`` /
+``x_from_proto`` pairs). Servicers, the orchestrator, clients and benchmarks go through here.
+
+Decoding treats every message as hostile: tensors are decoded against explicit limits and checked against
+the geometry the receiver expects; a bad message raises :class:`~asyndgan.codec.CodecError` or
+:class:`~asyndgan.errors.BadRequest` (both ``ValueError``), never anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from asyndgan import codec
+from asyndgan.errors import BadRequest
+from asyndgan.messages import (
+    LossTerm,
+    PrivacyState,
+    SiteDescription,
+    SiteState,
+    SiteStatus,
+    StepAnswer,
+    StepWork,
+    TrainingState,
+)
+from asyndgan.v1 import discriminator_pb2 as dpb
+from asyndgan.v1 import generator_pb2 as gpb
+from asyndgan.v1 import tensor_pb2
+
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_SYNTH_BATCH",
+    "batch_from_proto",
+    "batch_to_proto",
+    "codec_from_proto",
+    "labels_from_tensor",
+    "losses_from_proto",
+    "losses_to_proto",
+    "privacy_from_proto",
+    "privacy_to_proto",
+    "site_info_from_proto",
+    "site_info_to_proto",
+    "site_status_from_proto",
+    "site_status_to_proto",
+    "step_reply_from_proto",
+    "step_reply_to_proto",
+    "step_request_from_proto",
+    "step_request_to_proto",
+    "synthesize_request_from_proto",
+    "synthesize_request_to_proto",
+    "synthetic_batch_from_proto",
+    "synthetic_batch_to_proto",
+    "training_status_from_proto",
+    "training_status_to_proto",
+]
+
+MAX_CHANNELS = 16  # a site never decodes more than a batch of this many image channels
+MAX_SYNTH_BATCH = 64  # label maps per Synthesize request
+
+
+def codec_from_proto(spec: str, default: codec.Codec) -> codec.Codec:
+    """A codec named in a request (empty: ``default``)."""
+    return codec.Codec.parse(spec) if spec else default
+
+
+# -- losses, privacy -----------------------------------------------------------------------------------
+
+
+def losses_to_proto(losses: Iterable[LossTerm]) -> list[dpb.Loss]:
+    return [dpb.Loss(network=t.network, modality=t.modality, term=t.term, value=t.value) for t in losses]
+
+
+def losses_from_proto(msgs: Iterable[dpb.Loss]) -> list[LossTerm]:
+    return [LossTerm(m.network, m.modality, m.term, m.value) for m in msgs]
+
+
+def privacy_to_proto(p: PrivacyState) -> dpb.Privacy:
+    return dpb.Privacy(
+        mode=p.mode,
+        epsilon_budget=p.epsilon_budget,
+        delta=p.delta,
+        epsilon_spent=p.epsilon_spent,
+        exhausted=p.exhausted,
+    )
+
+
+def privacy_from_proto(m: dpb.Privacy) -> PrivacyState:
+    # A site too old to report a guard is treated as unguarded: the honest reading.
+    return PrivacyState(m.mode or "none", m.epsilon_budget, m.delta, m.epsilon_spent, m.exhausted)
+
+
+# -- Describe / Status ---------------------------------------------------------------------------------
+
+
+def site_info_to_proto(d: SiteDescription) -> dpb.SiteInfo:
+    return dpb.SiteInfo(
+        site_id=d.site_id,
+        num_samples=d.num_samples,
+        modalities=list(d.modalities),
+        height=d.height,
+        width=d.width,
+        num_classes=d.num_classes,
+        batch_size=d.batch_size,
+        version=d.version,
+        privacy=privacy_to_proto(d.privacy),
+    )
+
+
+def site_info_from_proto(m: dpb.SiteInfo) -> SiteDescription:
+    return SiteDescription(
+        site_id=m.site_id,
+        num_samples=m.num_samples,
+        modalities=tuple(m.modalities),
+        height=m.height,
+        width=m.width,
+        num_classes=m.num_classes,
+        batch_size=m.batch_size,
+        version=m.version,
+        privacy=privacy_from_proto(m.privacy),
+    )
+
+
+def site_status_to_proto(s: SiteStatus) -> dpb.SiteStatus:
+    return dpb.SiteStatus(
+        site_id=s.site_id,
+        steps=s.steps,
+        last_losses=losses_to_proto(s.last_losses),
+        serving=s.serving,
+        privacy=privacy_to_proto(s.privacy),
+    )
+
+
+def site_status_from_proto(m: dpb.SiteStatus) -> SiteStatus:
+    return SiteStatus(m.site_id, m.steps, losses_from_proto(m.last_losses), m.serving, privacy_from_proto(m.privacy))
+
+
+# -- label batches -------------------------------------------------------------------------------------
+
+
+def batch_to_proto(batch_id: int, labels: torch.Tensor, label_codec: codec.Codec) -> dpb.ConditionBatch:
+    return dpb.ConditionBatch(batch_id=batch_id, labels=codec.encode(labels, label_codec))
+
+
+def labels_from_tensor(
+    msg: tensor_pb2.Tensor, height: int, width: int, num_classes: int, max_batch: int
+) -> torch.Tensor:
+    """Label maps (B, H, W) uint8 with values < ``num_classes`` and B <= ``max_batch``, or CodecError."""
+    labels = codec.decode(msg, codec.Limits(max_elements=max(max_batch, 1) * height * width))
+    if labels.dim() != 3 or tuple(labels.shape[1:]) != (height, width):
+        raise codec.CodecError(f"labels must have shape (B, {height}, {width}), got {tuple(labels.shape)}")
+    if labels.dtype != torch.uint8:
+        raise codec.CodecError("labels must be uint8 class indices")
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise codec.CodecError(f"label values must be < {num_classes}")
+    return labels
+
+
+def batch_from_proto(m: dpb.ConditionBatch, site: SiteDescription) -> tuple[int, torch.Tensor]:
+    """(batch id, label maps) checked against the site's geometry, classes and batch size."""
+    return m.batch_id, labels_from_tensor(m.labels, site.height, site.width, site.num_classes, site.batch_size)
+
+
+# -- Step ----------------------------------------------------------------------------------------------
+
+
+def step_request_to_proto(w: StepWork, image_codec: codec.Codec) -> dpb.StepRequest:
+    return dpb.StepRequest(
+        batch_id=w.batch_id,
+        fakes=codec.encode(w.fakes, image_codec),
+        modalities=list(w.modalities),
+        grad_codec=str(w.grad_codec),
+        label_codec=str(w.label_codec),
+        step=w.step,
+    )
+
+
+def step_request_from_proto(m: dpb.StepRequest, site: SiteDescription) -> StepWork:
+    """Decode and validate a Step request for ``site`` (nothing larger than a batch of images is decoded)."""
+    grad_codec = codec_from_proto(m.grad_codec, codec.IMAGE_CODEC)
+    label_codec = codec_from_proto(m.label_codec, codec.LABEL_CODEC)
+    if not m.HasField("fakes"):
+        raise BadRequest("fakes missing")
+    limits = codec.Limits(max_elements=site.batch_size * MAX_CHANNELS * site.height * site.width)
+    fakes = codec.decode(m.fakes, limits)
+    return StepWork(m.batch_id, fakes, tuple(m.modalities), m.step, grad_codec, label_codec)
+
+
+def step_reply_to_proto(a: StepAnswer, grad_codec: codec.Codec, label_codec: codec.Codec) -> dpb.StepReply:
+    return dpb.StepReply(
+        batch_id=a.batch_id,
+        grad=codec.encode(a.grad, grad_codec),
+        losses=losses_to_proto(a.losses),
+        next=batch_to_proto(a.next_batch_id, a.next_labels, label_codec),
+        epsilon_spent=a.epsilon_spent,
+    )
+
+
+def step_reply_from_proto(m: dpb.StepReply, fakes: torch.Tensor, site: SiteDescription) -> StepAnswer:
+    """Decode a site's answer to ``fakes``: the gradient may not be larger than them (its shape is checked by
+    the generator, which leaves a mis-shaped gradient out of the step)."""
+    grad = codec.decode(m.grad, codec.Limits(max_elements=max(fakes.numel(), 1)))
+    next_id, next_labels = batch_from_proto(m.next, site)
+    return StepAnswer(m.batch_id, grad, losses_from_proto(m.losses), next_id, next_labels, m.epsilon_spent)
+
+
+# -- generator: Status and Synthesize ------------------------------------------------------------------
+
+
+def _site_state_to_proto(s: SiteState) -> gpb.SiteState:
+    return gpb.SiteState(
+        site_id=s.site_id,
+        address=s.address,
+        active=s.active,
+        num_samples=s.num_samples,
+        steps_contributed=s.steps_contributed,
+        steps_dropped=s.steps_dropped,
+        last_error=s.last_error,
+        privacy=s.privacy,
+        epsilon_spent=s.epsilon_spent,
+        finished=s.finished,
+    )
+
+
+def training_status_to_proto(t: TrainingState) -> gpb.TrainingStatus:
+    return gpb.TrainingStatus(
+        step=t.step,
+        target_steps=t.target_steps,
+        training=t.training,
+        sites=[_site_state_to_proto(s) for s in t.sites],
+        modalities=list(t.modalities),
+        height=t.height,
+        width=t.width,
+        num_classes=t.num_classes,
+        generator_loss=t.generator_loss,
+        wire_bytes_sent=t.wire_bytes_sent,
+        wire_bytes_received=t.wire_bytes_received,
+    )
+
+
+def training_status_from_proto(m: gpb.TrainingStatus) -> TrainingState:
+    sites = [
+        SiteState(
+            s.site_id,
+            s.address,
+            s.active,
+            s.num_samples,
+            s.steps_contributed,
+            s.steps_dropped,
+            s.last_error,
+            s.privacy,
+            s.epsilon_spent,
+            s.finished,
+        )
+        for s in m.sites
+    ]
+    return TrainingState(
+        m.step,
+        m.target_steps,
+        m.training,
+        sites,
+        tuple(m.modalities),
+        m.height,
+        m.width,
+        m.num_classes,
+        m.generator_loss,
+        m.wire_bytes_sent,
+        m.wire_bytes_received,
+    )
+
+
+def synthesize_request_to_proto(labels: torch.Tensor, image_codec: str | codec.Codec) -> gpb.SynthesizeRequest:
+    return gpb.SynthesizeRequest(labels=codec.encode(labels, codec.LABEL_CODEC), image_codec=str(image_codec))
+
+
+def synthesize_request_from_proto(
+    m: gpb.SynthesizeRequest, height: int, width: int, num_classes: int
+) -> tuple[torch.Tensor, codec.Codec]:
+    """(label maps, codec for the reply); at most MAX_SYNTH_BATCH maps of the generator's geometry."""
+    out_codec = codec_from_proto(m.image_codec, codec.LOSSLESS)
+    if not m.HasField("labels"):
+        raise BadRequest("labels missing")
+    return labels_from_tensor(m.labels, height, width, num_classes, MAX_SYNTH_BATCH), out_codec
+
+
+def synthetic_batch_to_proto(
+    images: torch.Tensor, modalities: Sequence[str], image_codec: codec.Codec
+) -> gpb.SyntheticBatch:
+    return gpb.SyntheticBatch(images=codec.encode(images, image_codec), modalities=list(modalities))
+
+
+def synthetic_batch_from_proto(m: gpb.SyntheticBatch) -> tuple[torch.Tensor, list[str]]:
+    return codec.decode(m.images), list(m.modalities)
