@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -77,6 +77,30 @@ class Batch:
     real: torch.Tensor  # (B, M, H, W) float32 in [-1, 1]
 
 
+def augment(
+    labels: np.ndarray, images: np.ndarray, rng: np.random.Generator, flip: bool, max_shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The site's augmentation, applied to label maps (B, H, W) and images (B, M, H, W) together: a random
+    horizontal flip, then a random shift of up to ``max_shift`` pixels (labels padded with 0, images with -1)."""
+    b = len(labels)
+    if flip:
+        flips = rng.random(b) < 0.5
+        labels = np.where(flips[:, None, None], labels[:, :, ::-1], labels)
+        images = np.where(flips[:, None, None, None], images[:, :, :, ::-1], images)
+    if max_shift and b:
+        s = max_shift
+        shifts = rng.integers(-s, s + 1, size=(b, 2))
+        lab_p = np.pad(labels, ((0, 0), (s, s), (s, s)), constant_values=0)
+        img_p = np.pad(images, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=-1.0)
+        h, w = labels.shape[1:]
+        labels = np.stack([lab_p[i, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)])
+        images = np.stack([img_p[i, :, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)])
+    return (
+        torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
+        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+    )
+
+
 class BatchSampler:
     """Seeded epoch-wise sampling with site-side augmentation applied to label map and image together."""
 
@@ -107,28 +131,8 @@ class BatchSampler:
 
     def next(self) -> Batch:
         idx = self._indices()
-        labels = self.data.labels[idx]
-        images = self.data.images[idx]
-        b = len(idx)
-        if self.flip:
-            flips = self.rng.random(b) < 0.5
-            labels = np.where(flips[:, None, None], labels[:, :, ::-1], labels)
-            images = np.where(flips[:, None, None, None], images[:, :, :, ::-1], images)
-        if self.max_shift:
-            s = self.max_shift
-            shifts = self.rng.integers(-s, s + 1, size=(b, 2))
-            lab_p = np.pad(labels, ((0, 0), (s, s), (s, s)), constant_values=0)
-            img_p = np.pad(images, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=-1.0)
-            h, w = labels.shape[1:]
-            labels = np.stack([lab_p[i, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)])
-            images = np.stack(
-                [img_p[i, :, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)]
-            )
-        batch = Batch(
-            id=self.next_id,
-            labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
-            real=torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
-        )
+        labels, images = augment(self.data.labels[idx], self.data.images[idx], self.rng, self.flip, self.max_shift)
+        batch = Batch(self.next_id, labels, images)
         self.next_id += 1
         return batch
 
@@ -151,8 +155,17 @@ def _adam(params: Any, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
+class SiteGuard(Protocol):
+    """Replaces the paper's site step by a privacy-preserving one (:class:`asyndgan.guard.PrivacyGuard`)."""
+
+    def step(
+        self, t: SiteTrainer, cond: torch.Tensor, fake: torch.Tensor, pairs: list[tuple[str, int, int]]
+    ) -> tuple[torch.Tensor, list[LossTerm]]: ...
+
+
 class SiteTrainer:
-    """A hospital's discriminator(s) (one per modality it holds) and their optimizers."""
+    """A hospital's discriminator(s) (one per modality it holds) and their optimizers. Without a ``guard`` the
+    step is the paper's (D on real vs fake, then GAN + L1 gradient); with one, the guard's."""
 
     def __init__(
         self,
@@ -182,6 +195,7 @@ class SiteTrainer:
         self.sampler = BatchSampler(data, batch_size, seed, flip=train.flip, max_shift=train.max_shift)
         self.steps = 0
         self.last_losses: list[LossTerm] = []
+        self.guard: SiteGuard | None = None
 
     def next_batch(self) -> Batch:
         return self.sampler.next()
@@ -202,15 +216,26 @@ class SiteTrainer:
             raise SiteStepError("fakes contain NaN or Inf")
 
     def step(self, batch: Batch, fakes: torch.Tensor, channels: Sequence[str]) -> torch.Tensor:
-        """D update(s) on (real, fake), then d(G loss)/d(fakes) with the updated D(s); zeros elsewhere."""
+        """D update(s), then d(G loss)/d(fakes) with the updated D(s); zeros for channels the site lacks."""
         self.check_fakes(batch, fakes, channels)
-        cfg = self.cfg
-        mode = self.net_cfg.gan_mode
         cond = one_hot(batch.labels.to(self.device), self.num_classes)
-        real = batch.real.to(self.device)
         fake = fakes.detach().to(self.device, torch.float32).requires_grad_(True)
+        pairs = [(m, list(channels).index(m), k) for k, m in enumerate(self.modalities)]
+        if self.guard is None:
+            grad, losses = self._paper_step(batch, cond, fake, pairs)
+        else:
+            grad, losses = self.guard.step(self, cond, fake, pairs)
+        self.steps += 1
+        self.last_losses = losses
+        return grad.detach()
+
+    def _paper_step(
+        self, batch: Batch, cond: torch.Tensor, fake: torch.Tensor, pairs: list[tuple[str, int, int]]
+    ) -> tuple[torch.Tensor, list[LossTerm]]:
+        """AsynDGAN as published: D on (real, fake), then lambda_G * (GAN + lambda_L1 * L1(fake, real))."""
+        cfg, mode = self.cfg, self.net_cfg.gan_mode
+        real = batch.real.to(self.device)
         losses: list[LossTerm] = []
-        pairs = [(m, channels.index(m), k) for k, m in enumerate(self.modalities)]
         for m, c, k in pairs:
             d, opt = self.discriminators[m], self.optimizers[m]
             opt.zero_grad(set_to_none=True)
@@ -219,10 +244,7 @@ class SiteTrainer:
             loss_d = cfg.lambda_d * (loss_real + loss_fake)
             loss_d.backward()
             opt.step()
-            losses += [
-                LossTerm("D", m, "real", loss_real.item()),
-                LossTerm("D", m, "fake", loss_fake.item()),
-            ]
+            losses += [LossTerm("D", m, "real", loss_real.item()), LossTerm("D", m, "fake", loss_fake.item())]
         total = fake.new_zeros(())
         for m, c, k in pairs:
             fake_m = fake[:, c : c + 1]
@@ -232,9 +254,7 @@ class SiteTrainer:
             losses += [LossTerm("G", m, "gan", loss_gan.item()), LossTerm("G", m, "l1", loss_l1.item())]
         (grad,) = torch.autograd.grad(total, fake)
         losses.append(LossTerm("G", "", "total", total.item()))
-        self.steps += 1
-        self.last_losses = losses
-        return grad.detach()
+        return grad, losses
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from asyndgan.algorithm import TrainConfig
+from asyndgan.guard import PrivacyConfig
 from asyndgan.nets import DISCRIMINATORS, GENERATORS, NetConfig
 from asyndgan.rpc import TlsConfig
 
@@ -127,6 +128,39 @@ def add_allow_flag(p: argparse.ArgumentParser, who: str) -> None:
     )
 
 
+def add_privacy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("privacy guard (docs/privacy.md)")
+    g.add_argument(
+        "--privacy",
+        default=env("privacy", "dp"),
+        choices=["dp", "none"],
+        help="dp (default): differentially private discriminator, GAN-only gradients, budget enforced here; "
+        "none: the paper's exchange, whose gradients let the generator rebuild this site's images",
+    )
+    g.add_argument("--privacy-epsilon", type=float, default=float(env("privacy_epsilon", "8") or 8))
+    g.add_argument("--privacy-delta", type=float, default=float(env("privacy_delta", "1e-5") or 1e-5))
+    g.add_argument("--privacy-noise", type=float, default=0.0, help="noise multiplier sigma (0 = fit --privacy-steps)")
+    g.add_argument("--privacy-steps", type=int, default=1000, help="steps the budget is planned for")
+    g.add_argument("--privacy-clip", type=float, default=1.0, help="per-subject gradient clip C of D")
+    g.add_argument("--privacy-sample", type=int, default=0, help="expected subjects per D step (0 = batch size)")
+    g.add_argument("--privacy-ledger", default=env("privacy_ledger"), help="budget ledger file")
+    g.add_argument("--privacy-insecure-seed", type=int, default=None, help=argparse.SUPPRESS)  # tests only
+
+
+def privacy_config(a: argparse.Namespace) -> PrivacyConfig:
+    return PrivacyConfig(
+        mode=a.privacy,
+        epsilon=a.privacy_epsilon,
+        delta=a.privacy_delta,
+        noise_multiplier=a.privacy_noise,
+        planned_steps=a.privacy_steps,
+        clip=a.privacy_clip,
+        sample_size=a.privacy_sample,
+        ledger=Path(a.privacy_ledger) if a.privacy_ledger else None,
+        insecure_seed=a.privacy_insecure_seed,
+    )
+
+
 def tls_config(a: argparse.Namespace) -> TlsConfig | None:
     given = [a.tls_cert, a.tls_key, a.tls_ca]
     if not any(given):
@@ -195,6 +229,7 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
         tls=tls_config(a),
         allowed_clients=tuple(a.allow_client),
         device=a.device,
+        privacy=privacy_config(a),
     )
     stop = stop_event_on_signals()
     registry, metrics_http = start_metrics(a, "discriminator")
@@ -402,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_tls_flags(p)
     add_allow_flag(p, "Discriminator")
+    add_privacy_flags(p)
     add_common(p)
     p.set_defaults(func=cmd_discriminator)
 

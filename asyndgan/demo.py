@@ -38,6 +38,7 @@ class DemoConfig:
     site_threads: int = 1
     codec: str = ""
     extra_generator_args: tuple[str, ...] = ()
+    extra_site_args: tuple[str, ...] = ()
     metrics: bool = False  # every process serves /metrics on a free port: run/metrics/NAME.port, run/metrics.json
     tls: bool = False  # mutual TLS with a development CA made in run/certs
     # Idle OpenMP threads sleep instead of spinning, so a process waiting on the network leaves its cores to
@@ -130,11 +131,9 @@ def site_data_spec(cfg: DemoConfig, j: int) -> str:
     return f"{EMBEDDED}?site={j}&of={cfg.sites}&size={cfg.size}&modalities={mods}"
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Start the sites and the generator as processes, train, stop everything; returns summary.json."""
-    cfg.validate()
-    out = cfg.out
-    run_dir = out / "run"
+def _prepare(cfg: DemoConfig) -> tuple[Path, dict[str, str]]:
+    """A fresh run directory (ports, logs, checkpoints, metrics; certificates with TLS) and the processes' env."""
+    run_dir = cfg.out / "run"
     for sub in ("ports", "logs", "checkpoints", "metrics"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     for f in [*(run_dir / "ports").glob("*"), *(run_dir / "metrics").glob("*")]:
@@ -147,51 +146,70 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         env.pop("OMP_WAIT_POLICY", None)
     else:
         env["OMP_WAIT_POLICY"] = cfg.omp_wait_policy
+    return run_dir, env
+
+
+def _start_sites(
+    cfg: DemoConfig, run_dir: Path, env: dict[str, str], procs: list[subprocess.Popen[bytes]]
+) -> list[tuple[str, Path, Path]]:
+    """One discriminator process per hospital (appended to ``procs``); (name, port file, log file) each."""
+    sites = []
+    for j in range(cfg.sites):
+        name = f"hospital-{j}"
+        log_file = run_dir / "logs" / f"{name}.log"
+        port_file = run_dir / "ports" / name
+        args = _cli(
+            "discriminator",
+            "--site-id", name,
+            "--data", site_data_spec(cfg, j),
+            "--listen", "127.0.0.1:0",
+            "--port-file", str(port_file),
+            "--checkpoint-dir", str(run_dir / "checkpoints" / name),
+            "--batch-size", str(cfg.batch_size),
+            "--seed", str(site_seed(cfg.seed, j)),
+            "--threads", str(cfg.site_threads),
+            *cfg.extra_site_args,
+            *_metrics_args(cfg, run_dir, name),
+            *_tls_args(cfg, run_dir, name),
+            *(["--allow-client", "generator"] if cfg.tls else []),  # no other hospital's certificate
+        )  # fmt: skip
+        with open(log_file, "wb") as lf:
+            procs.append(subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env))
+        sites.append((name, port_file, log_file))
+    return sites
+
+
+def _generator_args(cfg: DemoConfig, run_dir: Path, site_flags: list[str]) -> list[str]:
+    return _cli(
+        "generator",
+        *site_flags,
+        "--iterations", str(cfg.iterations),
+        "--checkpoint-dir", str(run_dir / "checkpoints" / "generator"),
+        "--out", str(cfg.out),
+        "--listen", "127.0.0.1:0",
+        "--heldout", f"{EMBEDDED}?split=heldout&of={cfg.sites}&size={cfg.size}&modalities={cfg.modalities}",
+        "--seed", str(cfg.seed),
+        "--threads", str(cfg.generator_threads),
+        *(["--codec", cfg.codec] if cfg.codec else []),
+        *cfg.extra_generator_args,
+        *_metrics_args(cfg, run_dir, "generator"),
+        *_tls_args(cfg, run_dir, "generator"),
+    )  # fmt: skip
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Start the sites and the generator as processes, train, stop everything; returns summary.json."""
+    cfg.validate()
+    run_dir, env = _prepare(cfg)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        sites = []
-        for j in range(cfg.sites):
-            name = f"hospital-{j}"
-            log_file = run_dir / "logs" / f"{name}.log"
-            port_file = run_dir / "ports" / name
-            args = _cli(
-                "discriminator",
-                "--site-id", name,
-                "--data", site_data_spec(cfg, j),
-                "--listen", "127.0.0.1:0",
-                "--port-file", str(port_file),
-                "--checkpoint-dir", str(run_dir / "checkpoints" / name),
-                "--batch-size", str(cfg.batch_size),
-                "--seed", str(site_seed(cfg.seed, j)),
-                "--threads", str(cfg.site_threads),
-                *_metrics_args(cfg, run_dir, name),
-                *_tls_args(cfg, run_dir, name),
-                *(["--allow-client", "generator"] if cfg.tls else []),  # no other hospital's certificate
-            )  # fmt: skip
-            with open(log_file, "wb") as lf:
-                procs.append(subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env))
-            sites.append((name, port_file, log_file))
+        sites = _start_sites(cfg, run_dir, env, procs)
         site_flags: list[str] = []
         for (name, port_file, log_file), proc in zip(sites, procs, strict=True):
             port = _wait_port(port_file, proc, log_file)
             site_flags += ["--site", f"{name}=127.0.0.1:{port}"]
         log.info("%d discriminator processes up; starting the generator", cfg.sites)
-        gen_args = _cli(
-            "generator",
-            *site_flags,
-            "--iterations", str(cfg.iterations),
-            "--checkpoint-dir", str(run_dir / "checkpoints" / "generator"),
-            "--out", str(out),
-            "--listen", "127.0.0.1:0",
-            "--heldout", f"{EMBEDDED}?split=heldout&of={cfg.sites}&size={cfg.size}&modalities={cfg.modalities}",
-            "--seed", str(cfg.seed),
-            "--threads", str(cfg.generator_threads),
-            *(["--codec", cfg.codec] if cfg.codec else []),
-            *cfg.extra_generator_args,
-            *_metrics_args(cfg, run_dir, "generator"),
-            *_tls_args(cfg, run_dir, "generator"),
-        )  # fmt: skip
-        gen = subprocess.Popen(gen_args, env=env)
+        gen = subprocess.Popen(_generator_args(cfg, run_dir, site_flags), env=env)
         procs.append(gen)
         if cfg.metrics:
             names = [name for name, _, _ in sites]
@@ -202,5 +220,5 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             raise RuntimeError(f"generator exited with code {code}; site logs in {run_dir / 'logs'}")
     finally:
         _stop(procs)
-    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    summary: dict[str, Any] = json.loads((cfg.out / "summary.json").read_text())
     return summary

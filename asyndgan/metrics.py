@@ -33,7 +33,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from asyndgan import __version__
 from asyndgan.algorithm import StepOutcome
-from asyndgan.messages import LossTerm
+from asyndgan.messages import LossTerm, PrivacyState
 from asyndgan.rpc import handler_behavior, rewrap_handler
 
 __all__ = [
@@ -209,30 +209,50 @@ class _SiteLike(Protocol):
     @property
     def last_losses(self) -> list[LossTerm]: ...
 
+    def privacy(self) -> PrivacyState: ...
+
 
 class SiteCollector:
-    """Reads a site's step count and last loss terms at scrape time (no hook in the training path)."""
+    """Reads a site's step count, last loss terms and privacy guard at scrape time (no hook in the training path).
+
+    ``asyndgan_privacy_guarded{site}`` is 1 under ``--privacy dp`` and 0 for an unguarded site;
+    ``asyndgan_privacy_epsilon{site}`` is the epsilon spent (from the site's ledger) and
+    ``asyndgan_privacy_epsilon_budget{site}`` the hospital's budget, both at the site's delta."""
 
     def __init__(self, site: _SiteLike) -> None:
         self.site = site
 
-    def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
-        steps = CounterMetricFamily("asyndgan_site_steps", "Discriminator steps done at this site", labels=["site"])
-        loss = GaugeMetricFamily(
-            "asyndgan_loss", "Last loss terms computed at this site (D and G terms)", labels=list(LOSS_LABELS)
+    def _families(self) -> tuple[Metric, ...]:
+        return (
+            CounterMetricFamily("asyndgan_site_steps", "Discriminator steps done at this site", labels=["site"]),
+            GaugeMetricFamily(
+                "asyndgan_loss", "Last loss terms computed at this site (D and G terms)", labels=list(LOSS_LABELS)
+            ),
+            GaugeMetricFamily(
+                "asyndgan_privacy_guarded", "1: DP guard on; 0: unguarded", labels=["site"]
+            ),
+            GaugeMetricFamily(
+                "asyndgan_privacy_epsilon", "Epsilon spent by the site", labels=["site"]
+            ),
+            GaugeMetricFamily(
+                "asyndgan_privacy_epsilon_budget", "Privacy budget the site allows (epsilon)", labels=["site"]
+            ),
         )
-        return steps, loss
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        steps, loss = self._families()
+        steps, loss, guarded, spent, budget = self._families()
         site_id = self.site.site_id
-        steps.add_metric([site_id], self.site.steps)
+        steps.add_metric([site_id], self.site.steps)  # type: ignore[attr-defined]
         for t in list(self.site.last_losses):
-            loss.add_metric([t.network, site_id, t.modality, t.term], t.value)
-        return steps, loss
+            loss.add_metric([t.network, site_id, t.modality, t.term], t.value)  # type: ignore[attr-defined]
+        p = self.site.privacy()
+        guarded.add_metric([site_id], 1.0 if p.guarded else 0.0)  # type: ignore[attr-defined]
+        spent.add_metric([site_id], p.epsilon_spent)  # type: ignore[attr-defined]
+        budget.add_metric([site_id], p.epsilon_budget)  # type: ignore[attr-defined]
+        return steps, loss, guarded, spent, budget
 
 
 # -- gRPC server interceptor -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Spec::
 
     embedded:icbm152?site=J&of=N[&size=64][&modalities=t1,t2][&orient=axial,coronal,sagittal]
     embedded:icbm152?split=heldout[&scanner=reference|J][&of=N][&size=64][&modalities=...][&orient=...]
+    ...[&subjects=K[&slices=5][&seed=0]]      a virtual population instead of the template (see .population)
 
 Data: ``icbm152.npz`` next to this module (built by ``scripts/build_embedded.py``; see ``NOTICE``): a 1.5 mm
 T1 template (brain-masked: the source template has no skull or scalp), grey/white-matter probabilities and a
@@ -29,6 +30,10 @@ distribution).
 Modalities: ``t1`` is the template. ``t2`` is SIMULATED: a T2-like contrast rendered from the tissue
 probabilities (CSF bright, GM mid, WM dark) mixed with inverted T1 detail, zero outside the brain; the same
 site scanner is applied to it (independent noise). It exists to exercise multi-modality code, not as anatomy.
+
+Population: with ``subjects=K`` a site (or the held-out split) holds ``K`` virtual subjects, each a random smooth
+deformation and intensity variation of the template contributing ``slices`` slices from the same slab(s);
+:mod:`.population` has the details. Without it, every slice is its own subject (``SiteData.subjects`` 0..N-1).
 
 Rows of the returned :class:`SiteData` are ordered by orientation (axial, coronal, sagittal, restricted to the
 requested ones) and then by slice position, ascending.
@@ -59,7 +64,12 @@ HELDOUT_FRACTION = 0.15
 MIN_HELDOUT = 4
 GAP = 4
 MAX_SITES = 64
-OPTIONS = ("site", "of", "split", "size", "modalities", "orient", "scanner")
+OPTIONS = ("site", "of", "split", "size", "modalities", "orient", "scanner", "subjects", "slices", "seed")
+MAX_SUBJECTS = 100_000  # subject ids: heldout k, site j (j + 1) * SUBJECT_ID_STRIDE + k
+SUBJECT_ID_STRIDE = 1_000_000
+DEFAULT_SLICES = 5  # slices per virtual subject: 400 subjects -> 2,000 examples per site
+MAX_SLICES = 64
+MAX_SEED = 2**32 - 1
 _SEED = 0xA5D6A
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _NPZ = Path(__file__).with_name("icbm152.npz")
@@ -188,8 +198,37 @@ def _take(vol: np.ndarray, axis: int, positions: np.ndarray, fill: float) -> np.
     return np.pad(stack, ((0, 0), (top, side - h - top), (left, side - w - left)), constant_values=fill)
 
 
+@dataclass(frozen=True)
+class EmbeddedRequest:
+    """A parsed, validated ``embedded:`` spec."""
+
+    name: str  # the data set, "icbm152"
+    label: str  # SiteData.name
+    split: str  # "train" or "heldout"
+    of: int
+    site: int | None  # None for split=heldout
+    scanner: Scanner
+    scanner_code: int  # 0 = reference scanner, j + 1 = site j's scanner (seeds the noise)
+    size: int
+    modalities: tuple[str, ...]
+    orients: tuple[str, ...]  # in ORIENTS order
+    subjects: int | None = None  # virtual population size (see .population); None = the template itself
+    slices: int = 0  # slices per virtual subject
+    seed: int = 0  # population seed
+
+
 def load_embedded(options: dict[str, str], size: int | None = None) -> SiteData:
     """Load one simulated site (or the held-out split) from parsed spec options."""
+    req = parse_embedded(options, size)
+    if req.subjects is not None:
+        from .population import render_population  # imports this module
+
+        return render_population(req)
+    return _render_template(req)
+
+
+def parse_embedded(options: dict[str, str], size: int | None = None) -> EmbeddedRequest:
+    """Validate ``embedded:`` options (DataError) into an :class:`EmbeddedRequest`."""
     check_options("embedded", options, OPTIONS)
     name = options.get("target", "icbm152") or "icbm152"
     if name not in DATASETS:
@@ -218,39 +257,68 @@ def load_embedded(options: dict[str, str], size: int | None = None) -> SiteData:
     bad = [o for o in orients if o not in ORIENTS]
     if bad:
         raise DataError(f"unknown orientation {bad[0]!r}; expected any of {', '.join(ORIENTS)}")
+    scanner, scanner_code, label = _parse_scanner(options, name, split, of, site)
+    subjects, slices, seed = _parse_population(options)
+    if subjects is not None:
+        label += f"-subjects{subjects}x{slices}" + (f"-seed{seed}" if seed else "")
+    return EmbeddedRequest(
+        name, label, split, of, site, scanner, scanner_code, out_size, modalities,
+        tuple(o for o in ORIENTS if o in orients), subjects, slices, seed,
+    )  # fmt: skip
 
+
+def _parse_scanner(
+    options: dict[str, str], name: str, split: str, of: int, site: int | None
+) -> tuple[Scanner, int, str]:
+    """(scanner, scanner code, SiteData name) for validated split/of/site options."""
     which = options.get("scanner", "reference")
     if split == "train" and "scanner" in options:
         raise DataError("scanner= goes with split=heldout (a training site always uses its own scanner)")
-    tpl = _template()
     if split == "heldout" and which == "reference":
-        scanner, site_code, label = REFERENCE_SCANNER, 0, f"{name}-heldout"
-    elif split == "heldout":
+        return REFERENCE_SCANNER, 0, f"{name}-heldout"
+    if split == "heldout":
         if not which.isdigit() or int(which) >= MAX_SITES:
             raise DataError(f"scanner={which!r}: expected 'reference' or a site number in [0, {MAX_SITES - 1}]")
         j = int(which)
-        scanner, site_code, label = site_scanner(j), j + 1, f"{name}-heldout-scanner{j}"
-    else:
-        assert site is not None
-        scanner, site_code, label = site_scanner(site), site + 1, f"{name}-site{site}of{of}"
+        return site_scanner(j), j + 1, f"{name}-heldout-scanner{j}"
+    assert site is not None
+    return site_scanner(site), site + 1, f"{name}-site{site}of{of}"
+
+
+def _parse_population(options: dict[str, str]) -> tuple[int | None, int, int]:
+    """(subjects, slices per subject, seed) from ``subjects=``, ``slices=``, ``seed=``."""
+    subjects = int_option(options, "subjects", None, 1, MAX_SUBJECTS)
+    if subjects is None:
+        extra = [k for k in ("slices", "seed") if k in options]
+        if extra:
+            raise DataError(f"{extra[0]}= goes with subjects=K (a virtual population), e.g. subjects=400")
+        return None, 0, 0
+    slices = int_option(options, "slices", DEFAULT_SLICES, 1, MAX_SLICES)
+    seed = int_option(options, "seed", 0, 0, MAX_SEED)
+    assert slices is not None and seed is not None
+    return subjects, slices, seed
+
+
+def _render_template(req: EmbeddedRequest) -> SiteData:
+    """The template's own slices of ``req``'s slab(s), imaged by ``req.scanner``."""
+    tpl = _template()
+    scanner, site_code, site = req.scanner, req.scanner_code, req.site
     labels_vol: np.ndarray = tpl["labels"]
     bias = _bias_field(scanner, labels_vol.shape)
     vols = []
-    for m in modalities:
+    for m in req.modalities:
         v = np.power(tpl["vols"][m], np.float32(scanner.gamma))
         if bias is not None:
             v = v * bias
         vols.append(np.clip(v, 0.0, 1.0) * 2.0 - 1.0)
 
     all_labels, all_images = [], []
-    for orient in ORIENTS:
-        if orient not in orients:
-            continue
+    for orient in req.orients:
         axis = AXIS[orient]
-        pos = embedded_slice_index(of=of, orient=orient, site=site, split=split)
+        pos = embedded_slice_index(of=req.of, orient=orient, site=site, split=req.split)
         lab = _take(labels_vol, axis, pos, 0)
         img = np.stack([_take(v, axis, pos, -1.0) for v in vols], axis=1).astype(np.float32)
-        lab, img = resize_square(lab, img, out_size)
+        lab, img = resize_square(lab, img, req.size)
         # Rician noise at the output resolution, seeded per (site, orientation, slice position)
         img01 = (img + 1.0) * 0.5
         for i, p in enumerate(pos):
@@ -261,9 +329,9 @@ def load_embedded(options: dict[str, str], size: int | None = None) -> SiteData:
         all_labels.append(lab)
         all_images.append(img)
     return SiteData(
-        name=label,
+        name=req.label,
         labels=np.concatenate(all_labels),
         images=np.concatenate(all_images),
-        modalities=modalities,
+        modalities=req.modalities,
         num_classes=NUM_CLASSES,
     )

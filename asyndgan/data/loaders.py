@@ -4,6 +4,7 @@ Specs (the syntax is in :mod:`asyndgan.data.spec`; ``docs/data.md`` has the deta
 
     embedded:icbm152?site=0&of=3[&size=64][&modalities=t1,t2][&orient=axial,coronal,sagittal]
     embedded:icbm152?split=heldout[&of=3]...
+    embedded:icbm152?site=0&of=3&subjects=400[&slices=5][&seed=0]    a virtual population (400 x 5 slices)
     npz:FILE[?num_classes=4][&modalities=t1,t2][&range=auto|minmax|LO,HI][&size=S]
     png:DIR[?num_classes=4][&modality=t1][&size=S]
     nifti:labels=PATH&t1=PATH[&t2=PATH...][&axis=2][&num_classes=4][&size=S]

@@ -6,6 +6,7 @@ A *data spec* is one string naming where a site's data come from::
 
 * ``embedded:icbm152?site=0&of=3``            site 0 of 3 simulated hospitals (see :mod:`.embedded`)
 * ``embedded:icbm152?split=heldout&of=3``     the held-out evaluation slices
+* ``embedded:icbm152?site=0&of=3&subjects=400``  site 0 as 400 virtual subjects (see :mod:`.population`)
 * ``npz:/data/site0.npz?num_classes=4``       arrays in an ``.npz`` file
 * ``png:/data/site0?num_classes=4``           ``images/<name>.png`` + ``labels/<name>.png`` pairs
 * ``nifti:labels=/d/seg.nii.gz&t1=/d/t1.nii.gz&t2=/d/t2.nii.gz&axis=2``   NIfTI volumes (no target; the
@@ -20,6 +21,7 @@ reserved key ``"target"``. Each loader rejects options it does not know.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -41,7 +43,9 @@ class SiteData:
     """All 2D samples one site holds.
 
     ``labels``: (N, H, W) uint8 class indices in ``[0, num_classes)``; ``images``: (N, M, H, W) float32 in
-    ``[-1, 1]``, channel ``m`` being modality ``modalities[m]``. Validated on construction (DataError).
+    ``[-1, 1]``, channel ``m`` being modality ``modalities[m]``; ``subjects``: (N,) int64 id of the subject each
+    sample comes from (the unit of privacy: all samples of one person). ``None`` (the default) means every sample
+    is its own subject, ids ``0..N-1``. Validated on construction (DataError).
     """
 
     name: str
@@ -49,6 +53,7 @@ class SiteData:
     images: np.ndarray
     modalities: tuple[str, ...]
     num_classes: int
+    subjects: np.ndarray = None  # type: ignore[assignment]  # None -> np.arange(N), set in __post_init__
 
     def __post_init__(self) -> None:
         where = f"site {self.name!r}: " if isinstance(self.name, str) and self.name else ""
@@ -93,9 +98,45 @@ class SiteData:
         lo, hi = float(img.min()), float(img.max())
         if lo < -1.0 or hi > 1.0:
             raise DataError(f"{where}image values [{lo:.4g}, {hi:.4g}] outside [-1, 1]")
+        object.__setattr__(self, "subjects", _subject_ids(self.subjects, lab.shape[0], where))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def num_subjects(self) -> int:
+        """The number of distinct subjects."""
+        return int(np.unique(self.subjects).size)
+
+    def subset(self, index: Sequence[int] | np.ndarray | slice, name: str | None = None) -> SiteData:
+        """The samples at ``index`` (integer indices, a boolean mask or a slice), keeping their subject ids."""
+        if not isinstance(index, slice):
+            index = np.asarray(index)
+            if index.dtype != np.bool_:
+                index = index.astype(np.int64)
+        return SiteData(
+            name or self.name,
+            np.ascontiguousarray(self.labels[index]),
+            np.ascontiguousarray(self.images[index]),
+            self.modalities,
+            self.num_classes,
+            np.ascontiguousarray(self.subjects[index]),
+        )
+
+
+def _subject_ids(subjects: object, n: int, where: str) -> np.ndarray:
+    """Validated (N,) int64 subject ids; ``None`` -> ``0..n-1``."""
+    if subjects is None:
+        return np.arange(n, dtype=np.int64)
+    if not isinstance(subjects, np.ndarray):
+        raise DataError(f"{where}subjects must be a numpy array of integer ids, got {type(subjects).__name__}")
+    if subjects.dtype == np.bool_ or not np.issubdtype(subjects.dtype, np.integer):
+        raise DataError(f"{where}subjects must hold integer ids, got dtype {subjects.dtype}")
+    if subjects.shape != (n,):
+        raise DataError(f"{where}subjects must have shape ({n},) (one id per sample), got {subjects.shape}")
+    if subjects.dtype == np.uint64 and n and int(subjects.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{where}subject ids must fit in int64")
+    return np.ascontiguousarray(subjects, dtype=np.int64)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -208,7 +249,12 @@ def resize_square(
     if side == size:
         return np.ascontiguousarray(labels, dtype=np.uint8), np.ascontiguousarray(images, dtype=np.float32)
     shrink = size < side
-    classes = np.unique(labels).tolist()
+    # the classes present, ascending (bincount: much faster than np.unique on uint8 labels)
+    classes = (
+        np.flatnonzero(np.bincount(labels.ravel(), minlength=1)).tolist()
+        if labels.dtype == np.uint8
+        else np.unique(labels).tolist()
+    )
     out_lab = np.empty((n, size, size), np.uint8)
     out_img = np.empty((n, images.shape[1], size, size), np.float32)
     for s in range(0, n, chunk):

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import load_site
+from asyndgan.guard import PrivacyConfig
 from asyndgan.io import write_bytes_atomic
 from asyndgan.metrics import GrpcServerMetrics, SiteCollector
 from asyndgan.nets import NetConfig
@@ -43,6 +44,7 @@ class DiscriminatorConfig:
     tls: TlsConfig | None = None
     allowed_clients: tuple[str, ...] = ()  # with tls: certificate names that may call the service (empty: any)
     device: str = "cpu"
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ \t\n="):
@@ -53,6 +55,7 @@ class DiscriminatorConfig:
             raise ValueError("--allow-client needs mutual TLS (--tls-cert, --tls-key, --tls-ca)")
         self.net.validate()
         self.train.validate()
+        self.privacy.validate()
 
 
 def start_discriminator(
@@ -78,6 +81,7 @@ def start_discriminator(
         seed=cfg.seed,
         checkpoint_dir=cfg.checkpoint_dir,
         device=cfg.device,
+        privacy=cfg.privacy,
     )
     if cfg.resume:
         site.restore()
@@ -96,12 +100,13 @@ def start_discriminator(
     server.set_serving(True)
     d = site.description
     log.info(
-        "site %s serving on port %d: %d samples, modalities %s, %dx%d",
+        "site %s serving on port %d: %d samples, modalities %s, %dx%d, privacy %s",
         cfg.site_id,
         server.port,
         d.num_samples,
         list(d.modalities),
         d.height,
         d.width,
+        d.privacy.mode,
     )
     return site, server

@@ -17,8 +17,9 @@ import torch
 from asyndgan.algorithm import Batch, SiteTrainer, TrainConfig
 from asyndgan.data import SiteData
 from asyndgan.errors import FailedPrecondition
+from asyndgan.guard import LEDGER_FILE, PrivacyConfig, PrivacyGuard
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint
-from asyndgan.messages import LossTerm, SiteDescription, SiteStatus, StepAnswer
+from asyndgan.messages import LossTerm, PrivacyState, SiteDescription, SiteStatus, StepAnswer
 from asyndgan.nets import NetConfig
 
 __all__ = ["Site"]
@@ -42,10 +43,25 @@ class Site:
         seed: int,
         checkpoint_dir: Path | None = None,
         device: str = "cpu",
+        privacy: PrivacyConfig | None = None,
     ) -> None:
         self.site_id = site_id
         self.trainer = SiteTrainer(data, net, train, batch_size=batch_size, seed=seed, device=device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        privacy = privacy or PrivacyConfig()
+        self.guard: PrivacyGuard | None = None
+        if privacy.guarded:
+            ledger = privacy.ledger or (self.checkpoint_dir / LEDGER_FILE if self.checkpoint_dir else None)
+            if ledger is None:
+                raise ValueError("--privacy dp keeps a budget ledger: give --privacy-ledger or --checkpoint-dir")
+            self.guard = PrivacyGuard(privacy, data, site_id, batch_size, ledger, self.trainer.device)
+            self.trainer.guard = self.guard
+        else:
+            log.warning(
+                "site %s runs UNGUARDED (--privacy none): the gradients it returns let the generator's operator "
+                "rebuild its training images (docs/privacy.md)",
+                site_id,
+            )
         if self.checkpoint_dir is not None:
             remove_stale_temp(self.checkpoint_dir / CHECKPOINT_FILE)
         self._lock = threading.Lock()
@@ -53,9 +69,15 @@ class Site:
         # Sampler state before the outstanding batch was drawn: a checkpoint redraws the same batch.
         self._pre_batch_state: dict[str, Any] | None = None
         _, h, w = data.labels.shape
-        self.description = SiteDescription(
-            site_id, len(data), tuple(data.modalities), h, w, data.num_classes, batch_size
-        )
+        self._geometry = (len(data), tuple(data.modalities), h, w, data.num_classes, batch_size)
+
+    @property
+    def description(self) -> SiteDescription:
+        n, modalities, h, w, k, b = self._geometry
+        return SiteDescription(self.site_id, n, modalities, h, w, k, b, privacy=self.privacy())
+
+    def privacy(self) -> PrivacyState:
+        return self.guard.state() if self.guard is not None else PrivacyState()
 
     @property
     def steps(self) -> int:
@@ -77,7 +99,7 @@ class Site:
             return self._outstanding or self._draw()
 
     def status(self) -> SiteStatus:
-        return SiteStatus(self.site_id, self.steps, list(self.last_losses), serving=True)
+        return SiteStatus(self.site_id, self.steps, list(self.last_losses), serving=True, privacy=self.privacy())
 
     def step(self, batch_id: int, fakes: torch.Tensor, channels: Sequence[str]) -> StepAnswer:
         """Train on the outstanding batch with the generator's fakes; return gradient and the next batch."""
@@ -89,7 +111,8 @@ class Site:
                 raise FailedPrecondition(f"batch {batch_id} is not the outstanding batch {batch.id}")
             grad = self.trainer.step(batch, fakes, channels)
             nxt = self._draw()
-            return StepAnswer(batch.id, grad, list(self.trainer.last_losses), nxt.id, nxt.labels)
+            spent = self.guard.ledger.spent() if self.guard is not None else 0.0
+            return StepAnswer(batch.id, grad, list(self.trainer.last_losses), nxt.id, nxt.labels, spent)
 
     # -- checkpoints (site-local only) --------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from asyndgan.algorithm import TrainConfig, site_seed
+from asyndgan.guard import PrivacyConfig
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import Server
 from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
@@ -21,6 +22,8 @@ NET = NetConfig(generator="unet_32", ngf=8, ndf=8)
 TRAIN = TrainConfig()
 SIZE = 32
 BATCH = 4
+# The in-process reference trainer runs the paper's exchange; sites compared with it bit for bit run unguarded.
+PAPER = PrivacyConfig(mode="none")
 
 
 def site_spec(j: int, of: int, modalities: str = "t1") -> str:
@@ -46,6 +49,7 @@ def start_sites(
             seed=site_seed(seed, j),
             net=NET,
             train=TRAIN,
+            privacy=PAPER,
         )
         out.append(start_discriminator(replace(cfg, **overrides), (interceptors or {}).get(j, ())))
     return out
