@@ -237,6 +237,7 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
     stop.wait()
     server.stop(grace=a.grace)
     site.checkpoint()
+    site.close()
     if metrics_http is not None:
         metrics_http.close()
     log.info("stopped cleanly after %d steps", site.steps)

@@ -114,6 +114,11 @@ class Site:
             spent = self.guard.ledger.spent() if self.guard is not None else 0.0
             return StepAnswer(batch.id, grad, list(self.trainer.last_losses), nxt.id, nxt.labels, spent)
 
+    def close(self) -> None:
+        """Release the privacy ledger (it is always up to date on disk)."""
+        if self.guard is not None:
+            self.guard.ledger.close()
+
     # -- checkpoints (site-local only) --------------------------------------------------------------
 
     def checkpoint(self) -> Path | None:

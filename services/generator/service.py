@@ -233,6 +233,11 @@ class GeneratorService:
                     "modalities": list(lk.info.modalities) if lk.info else [],
                     "steps_contributed": lk.contributed,
                     "steps_dropped": lk.dropped,
+                    "privacy": lk.info.privacy.mode if lk.info else "",
+                    "epsilon_spent": lk.epsilon_spent,
+                    "epsilon_budget": lk.info.privacy.epsilon_budget if lk.info else 0.0,
+                    "delta": lk.info.privacy.delta if lk.info else 0.0,
+                    "finished": lk.finished,
                     "wire_bytes_sent": lk.wire_sent,
                     "wire_bytes_received": lk.wire_received,
                 }

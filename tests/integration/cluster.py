@@ -37,8 +37,11 @@ def start_sites(
     seed: int = 0,
     modalities: Sequence[str] | None = None,
     interceptors: dict[int, tuple[grpc.ServerInterceptor, ...]] | None = None,
+    privacy: Sequence[PrivacyConfig] | PrivacyConfig = PAPER,
     **overrides: Any,
 ) -> list[tuple[Site, Server]]:
+    """``n`` sites; ``privacy`` one config for all, or one per site."""
+    guards = [privacy] * n if isinstance(privacy, PrivacyConfig) else list(privacy)
     out = []
     for j in range(n):
         cfg = DiscriminatorConfig(
@@ -49,15 +52,16 @@ def start_sites(
             seed=site_seed(seed, j),
             net=NET,
             train=TRAIN,
-            privacy=PAPER,
+            privacy=guards[j],
         )
         out.append(start_discriminator(replace(cfg, **overrides), (interceptors or {}).get(j, ())))
     return out
 
 
 def stop_sites(sites: list[tuple[Site, Server]]) -> None:
-    for _, server in sites:
+    for site, server in sites:
         server.stop(grace=0)
+        site.close()
 
 
 def generator_config(
