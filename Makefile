@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 protos: setup
-	PYTHON=$(PY) bash scripts/gen_protos.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHON=$(PY) bash scripts/gen_protos.sh
+
+# Fails if the committed stubs differ from what `make protos` builds (also a test: tests/unit/test_protos.py).
+check-protos: setup
+	$(PY) -m pytest -q tests/unit/test_protos.py
 
 demo: setup
 	$(PY) -m asyndgan.cli demo --out runs/demo
@@ -47,7 +51,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 bench: setup
-	$(PY) -m asyndgan.bench --out results/bench.json
+	$(PY) -m asyndgan.experiments.bench --out results/bench.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -159,7 +159,12 @@ class SiteGuard(Protocol):
     """Replaces the paper's site step by a privacy-preserving one (:class:`asyndgan.guard.PrivacyGuard`)."""
 
     def step(
-        self, t: SiteTrainer, cond: torch.Tensor, fake: torch.Tensor, pairs: list[tuple[str, int, int]]
+        self,
+        t: SiteTrainer,
+        labels: torch.Tensor,
+        cond: torch.Tensor,
+        fake: torch.Tensor,
+        pairs: list[tuple[str, int, int]],
     ) -> tuple[torch.Tensor, list[LossTerm]]: ...
 
 
@@ -224,7 +229,7 @@ class SiteTrainer:
         if self.guard is None:
             grad, losses = self._paper_step(batch, cond, fake, pairs)
         else:
-            grad, losses = self.guard.step(self, cond, fake, pairs)
+            grad, losses = self.guard.step(self, batch.labels, cond, fake, pairs)
         self.steps += 1
         self.last_losses = losses
         return grad.detach()

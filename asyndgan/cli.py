@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(c)
     c.set_defaults(func=cmd_certs)
 
-    from asyndgan.evaluate import add_eval_flags, cmd_eval
+    from asyndgan.experiments.evaluate import add_eval_flags, cmd_eval
 
     p = sub.add_parser("eval", help="segmentation from synthetic vs real data, memorisation audit (docs/evaluation.md)")
     add_eval_flags(p)
@@ -527,6 +527,7 @@ def _setup(a: argparse.Namespace) -> None:
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # a library (opacus) may have put a handler on the root logger at import
     )
     if a.threads > 0:
         torch.set_num_threads(a.threads)

@@ -9,35 +9,41 @@ Per step, for each modality's discriminator D:
    augmented example per sampled subject, drawn apart from the label maps sent to the generator; its gradient is
    DP-SGD: per-sample clipping to C, Gaussian noise N(0, sigma^2 C^2), divided by the expected batch q*n.
    D's loss on the generator's fakes uses no private data and is added as is.
-3. The gradient returned to the generator is that of the GAN term with the updated D only (no L1 against the real
-   image, no loss on real data): post-processing of D, so it costs no further budget.
+3. The gradient returned to the generator is that of lambda_G * (GAN + anchor_weight * L1(fake, anchor)) with the
+   updated D. The *anchor* is the label map painted with per-class mean intensities that the site released once
+   under DP (a Gaussian mechanism on per-subject class means, kept in the ledger so a restart reuses it): no L1
+   against the real image, no loss on real data. The gradient is post-processing of DP components and costs no
+   further budget.
 
-The losses reported are D's on the fakes and G's GAN term; nothing computed on real images leaves the site.
-One step of one D is one Poisson-subsampled Gaussian mechanism; the accountant (RDP, add/remove one subject)
-composes them. See docs/privacy.md.
+The losses reported are D's on the fakes and G's GAN and anchor terms; nothing computed on real images leaves the
+site unnoised. One step of one D is one Poisson-subsampled Gaussian mechanism, the class means one Gaussian
+mechanism; the accountant (RDP, add/remove one subject) composes them. See docs/privacy.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from asyndgan.algorithm import SiteTrainer, TrainConfig, augment
 from asyndgan.data import SiteData
 from asyndgan.errors import BudgetExhausted
 from asyndgan.messages import LossTerm, PrivacyState
 from asyndgan.nets import gan_loss, one_hot
-from asyndgan.privacy.accountant import calibrate_sigma
+from asyndgan.privacy.accountant import Segment, epsilon
 from asyndgan.privacy.dpsgd import accumulate_grads, dp_sgd_gradients, gan_real_loss
 from asyndgan.privacy.ledger import PrivacyLedger
 from asyndgan.privacy.sampling import PoissonSubjectSampler, secure_generator, secure_rng
 
-__all__ = ["LEDGER_FILE", "MODES", "PrivacyConfig", "PrivacyGuard"]
+__all__ = ["LEDGER_FILE", "MODES", "PrivacyConfig", "PrivacyGuard", "calibrate_after", "class_means"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class PrivacyConfig:
     planned_steps: int = 1000
     clip: float = 1.0
     sample_size: int = 0
+    anchor_weight: float = 10.0  # weight of L1(fake, DP class-mean anchor) in the returned gradient; 0 = GAN only
+    stats_noise: float = 5.0  # noise multiplier of the one-off class-mean release
     ledger: Path | None = None  # default: privacy-ledger.json beside the site's checkpoint
     insecure_seed: int | None = None  # tests only: makes sampling and noise reproducible (and predictable)
 
@@ -71,6 +79,8 @@ class PrivacyConfig:
             raise ValueError("--privacy-delta must be in (0, 1)")
         if self.noise_multiplier < 0 or self.planned_steps < 1 or self.clip <= 0 or self.sample_size < 0:
             raise ValueError("privacy noise must be >= 0, planned steps >= 1, clip > 0 and sample size >= 0")
+        if self.anchor_weight < 0 or self.stats_noise <= 0:
+            raise ValueError("the anchor weight must be >= 0 and the statistics' noise > 0")
 
     @property
     def guarded(self) -> bool:
@@ -92,13 +102,20 @@ class PrivacyGuard:
             raise ValueError(f"the DP sample ({expected} subjects per step) must be smaller than the {n} subjects")
         self.cfg, self.data = cfg, data
         self.q = expected / n
-        self.sigma = cfg.noise_multiplier or calibrate_sigma(self.q, cfg.planned_steps, cfg.epsilon, cfg.delta)
+        release: Segment = (1.0, cfg.stats_noise, 1)
+        self.sigma = cfg.noise_multiplier or calibrate_after(release, self.q, cfg.planned_steps, cfg.epsilon, cfg.delta)
         seed = cfg.insecure_seed
         self.sampler = PoissonSubjectSampler(data.subjects, self.q, secure_rng(seed))
         self.aug_rng = secure_rng(None if seed is None else seed + 1)
         self.noise = secure_generator(None if seed is None else seed + 2, device)
         self.ledger = PrivacyLedger.open(ledger, site_id, cfg.epsilon, cfg.delta)
         self.exhausted = False
+        k, m = data.num_classes, len(data.modalities)
+        stats_rng = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed + 3)
+        means = self.ledger.release(
+            "class_means", cfg.stats_noise, lambda: class_means(data, cfg.stats_noise, stats_rng)
+        )
+        self.class_means = torch.tensor(means, dtype=torch.float32, device=device).reshape(k, m)
         if seed is not None:
             log.warning("privacy guard seeded with --privacy-insecure-seed: noise and sampling are predictable")
         log.info(
@@ -111,6 +128,10 @@ class PrivacyGuard:
             cfg.epsilon,
             cfg.delta,
         )
+
+    def anchor(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, M, H, W): each pixel painted with its class's released mean intensity, per modality."""
+        return self.class_means[labels.long()].permute(0, 3, 1, 2)
 
     def state(self) -> PrivacyState:
         c = self.cfg
@@ -147,9 +168,14 @@ class PrivacyGuard:
         accumulate_grads(d, grads)
 
     def step(
-        self, t: SiteTrainer, cond: torch.Tensor, fake: torch.Tensor, pairs: list[tuple[str, int, int]]
+        self,
+        t: SiteTrainer,
+        labels: torch.Tensor,
+        cond: torch.Tensor,
+        fake: torch.Tensor,
+        pairs: list[tuple[str, int, int]],
     ) -> tuple[torch.Tensor, list[LossTerm]]:
-        """The guarded site step (module docstring): charge, DP update of each D, GAN-only gradient."""
+        """The guarded site step (module docstring): charge, DP update of each D, gradient from DP parts only."""
         self.charge(len(pairs))
         labels, images = self.real_sample(t.cfg.flip, t.cfg.max_shift)
         cond_real, real = one_hot(labels.to(t.device), t.num_classes), images.to(t.device)
@@ -164,10 +190,49 @@ class PrivacyGuard:
             opt.step()
             losses.append(LossTerm("D", m, "fake", loss_fake.item()))
         total = fake.new_zeros(())
-        for m, c, _k in pairs:
+        anchor = self.anchor(labels.to(t.device))
+        for m, c, k in pairs:
             loss_gan = gan_loss(t.discriminators[m](torch.cat([cond, fake[:, c : c + 1]], 1)), True, mode)
-            total = total + t.cfg.lambda_g * loss_gan
-            losses.append(LossTerm("G", m, "gan", loss_gan.item()))
+            loss_anchor = F.l1_loss(fake[:, c : c + 1], anchor[:, k : k + 1])
+            total = total + t.cfg.lambda_g * (loss_gan + self.cfg.anchor_weight * loss_anchor)
+            losses += [LossTerm("G", m, "gan", loss_gan.item()), LossTerm("G", m, "anchor", loss_anchor.item())]
         (grad,) = torch.autograd.grad(total, fake)
         losses.append(LossTerm("G", "", "total", total.item()))
         return grad, losses
+
+
+def calibrate_after(prefix: Segment, q: float, steps: int, target: float, delta: float) -> float:
+    """The smallest noise multiplier (to 1e-3) with which ``steps`` DP-SGD steps at rate ``q`` after the ``prefix``
+    mechanism stay within epsilon ``target``."""
+    if epsilon([prefix], delta) >= target:
+        raise ValueError(f"the class-mean release alone spends more than epsilon {target:g}: raise --privacy-epsilon")
+    lo, hi = 0.05, 1.0
+    while epsilon([prefix, (q, hi, steps)], delta) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise level fits {steps} steps in epsilon {target:g}")
+    while hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if epsilon([prefix, (q, mid, steps)], delta) > target else (lo, mid)
+    return hi
+
+
+def class_means(data: SiteData, noise: float, rng: torch.Generator) -> list[float]:
+    """Per (class, modality) mean intensity over subjects, released with the Gaussian mechanism.
+
+    Each subject contributes its own per-class mean (0 where it has no pixel of that class), each in [-1, 1], so
+    adding or removing one subject moves the sum by at most sqrt(K * M) in L2; noise N(0, (noise * sqrt(K*M))^2)
+    is added to the sum, which is then divided by the (public) number of subjects."""
+    k, m = data.num_classes, len(data.modalities)
+    ids, inverse = np.unique(data.subjects, return_inverse=True)
+    labels = torch.from_numpy(data.labels).long().reshape(len(data), -1)
+    images = torch.from_numpy(data.images).reshape(len(data), m, -1).clamp(-1, 1)
+    onehot = torch.nn.functional.one_hot(labels, k).double()  # (N, P, K)
+    sums = torch.einsum("npk,nmp->nkm", onehot, images.double())  # per example, per class and modality
+    counts = onehot.sum(1)  # (N, K)
+    subj = torch.from_numpy(inverse)
+    s_sum = torch.zeros(len(ids), k, m, dtype=torch.float64).index_add_(0, subj, sums)
+    s_cnt = torch.zeros(len(ids), k, dtype=torch.float64).index_add_(0, subj, counts)
+    per_subject = torch.where(s_cnt[..., None] > 0, s_sum / s_cnt.clamp(min=1)[..., None], 0.0)
+    total = per_subject.sum(0) + torch.randn(k, m, generator=rng, dtype=torch.float64) * noise * math.sqrt(k * m)
+    return (total / len(ids)).clamp(-1, 1).flatten().tolist()

@@ -8,7 +8,10 @@ under-counts. Restoring an older model checkpoint never restores budget.
 File format (``version`` 1)::
 
     {"version": 1, "site_id": "...", "epsilon_budget": 3.0, "delta": 1e-05,
-     "segments": [[q, sigma, steps], ...], "epsilon_spent": 1.23}
+     "segments": [[q, sigma, steps], ...], "epsilon_spent": 1.23, "releases": {"name": [values], ...}}
+
+``releases`` keeps one-off DP statistics (:meth:`PrivacyLedger.release`) so that a restarted site hands out the
+same noisy values instead of drawing (and paying for) new ones.
 
 ``segments`` are the record; ``epsilon_spent`` is derived (recomputed on load, kept for people reading the file).
 Accounting: add/remove one subject, Poisson sampling, RDP accountant (see :mod:`asyndgan.privacy.accountant`).
@@ -25,6 +28,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -81,6 +85,7 @@ class PrivacyLedger:
     def __init__(
         self, path: Path, site_id: str, epsilon_budget: float, delta: float, segments: list[Segment], lock_fd: int
     ) -> None:
+        self.releases: dict[str, list[float]] = {}
         self.path = path
         self.site_id = site_id
         self.epsilon_budget = epsilon_budget
@@ -106,13 +111,14 @@ class PrivacyLedger:
             remove_stale_temp(path)
             loaded = cls._load(path, site_id) if path.exists() else None
             ledger = cls(path, site_id, float(epsilon_budget), float(delta), loaded[0] if loaded else [], lock_fd)
+            ledger.releases = loaded[3] if loaded else {}
             if loaded is None:
                 log.info(
                     "created privacy ledger %s for site %s (epsilon %g, delta %g)", path, site_id, epsilon_budget, delta
                 )
                 ledger._write(ledger._segments, ledger._spent)
             else:
-                ledger._reconcile_settings(*loaded[1:])
+                ledger._reconcile_settings(loaded[1], loaded[2])
         except BaseException:
             os.close(lock_fd)
             raise
@@ -131,8 +137,8 @@ class PrivacyLedger:
         return fd
 
     @staticmethod
-    def _load(path: Path, site_id: str) -> tuple[list[Segment], Any, Any]:
-        """(segments, stored epsilon budget, stored delta) of the file at ``path``."""
+    def _load(path: Path, site_id: str) -> tuple[list[Segment], Any, Any, dict[str, list[float]]]:
+        """(segments, stored epsilon budget, stored delta, releases) of the file at ``path``."""
         try:
             doc = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -145,7 +151,12 @@ class PrivacyLedger:
                 "each site needs its own ledger file"
             )
         segments = _parse_segments(doc.get("segments"), path)
-        return segments, doc.get("epsilon_budget"), doc.get("delta")
+        releases = doc.get("releases", {})
+        if not isinstance(releases, dict) or not all(
+            isinstance(v, list) and all(_number(x) for x in v) for v in releases.values()
+        ):
+            raise ValueError(f"privacy ledger {path} is corrupt: bad releases")
+        return segments, doc.get("epsilon_budget"), doc.get("delta"), {k: list(v) for k, v in releases.items()}
 
     def _reconcile_settings(self, old_budget: Any, old_delta: Any) -> None:
         if old_budget != self.epsilon_budget or old_delta != self.delta:
@@ -164,6 +175,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "segments": [list(s) for s in segments],
             "epsilon_spent": spent,
+            "releases": self.releases,
         }
         write_bytes_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode())
         _fsync_dir(self.path.parent)
@@ -186,6 +198,23 @@ class PrivacyLedger:
         self._write(segments, eps)
         self._segments, self._spent = segments, eps
         return eps
+
+    def release(self, name: str, sigma: float, compute: Callable[[], list[float]]) -> list[float]:
+        """A one-off Gaussian release (noise multiplier ``sigma``, no subsampling) named ``name``: the first call
+        charges it and stores ``compute()``'s noisy values with the charge in one durable write; later calls (also
+        after a restart) return the stored values and charge nothing. BudgetExhausted if it does not fit."""
+        self._require_open()
+        if name in self.releases:
+            return list(self.releases[name])
+        segments = merge_step(self._segments, 1.0, sigma)
+        eps = epsilon(segments, self.delta)
+        if eps > self.epsilon_budget:
+            raise BudgetExhausted(f"releasing {name} would spend epsilon {eps:.3g} of {self.epsilon_budget:.3g}")
+        values = [float(v) for v in compute()]
+        self.releases[name] = values
+        self._write(segments, eps)
+        self._segments, self._spent = segments, eps
+        return list(values)
 
     def spent(self) -> float:
         """Epsilon spent so far at this ledger's delta."""

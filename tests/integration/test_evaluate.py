@@ -1,4 +1,4 @@
-"""The evaluation (asyndgan.evaluate): quick end-to-end run, custom data specs, metrics, G equivalence."""
+"""The evaluation (asyndgan.experiments): quick end-to-end run, custom data specs, metrics, G equivalence."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from asyndgan import evaluate as ev
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import load_site
+from asyndgan.experiments import evaluate as ev
+from asyndgan.experiments.datasets import split_contiguous
+from asyndgan.experiments.generators import train_generator
+from asyndgan.experiments.image_metrics import psnr, ssim
+from asyndgan.experiments.memorisation import nearest_training
 from asyndgan.local import LocalRun, train_local
 from asyndgan.nets import NetConfig
 from tests.conftest import make_site
@@ -90,7 +94,7 @@ def test_custom_specs_with_contiguous_holdout(tmp_path: Path) -> None:
 
 def test_split_contiguous_is_a_block_with_gap() -> None:
     site = make_site(n=30, size=16)
-    train, held = ev.split_contiguous(site, 0.2, 3)
+    train, held = split_contiguous(site, 0.2, 3)
     assert len(held) == 6 and len(train) == 30 - 6 - 6
     start = (30 - 6) // 2
     np.testing.assert_array_equal(held.labels, site.labels[start : start + 6])
@@ -100,16 +104,16 @@ def test_split_contiguous_is_a_block_with_gap() -> None:
 def test_ssim_and_psnr() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 1, 32, 32, generator=g) * 2 - 1
-    assert torch.allclose(ev.ssim(x, x), torch.ones(3))
+    assert torch.allclose(ssim(x, x), torch.ones(3))
     noisy = (x + 0.3 * torch.randn(3, 1, 32, 32, generator=g)).clamp(-1, 1)
-    s = ev.ssim(x, noisy)
+    s = ssim(x, noisy)
     assert bool((s < 0.9).all() and (s > 0).all())
-    assert torch.allclose(ev.ssim(x, noisy), ev.ssim(noisy, x))  # symmetric
+    assert torch.allclose(ssim(x, noisy), ssim(noisy, x))  # symmetric
     # constant shift by c in [-1, 1] space: PSNR = 10 log10(4 / c^2)
-    assert float(ev.psnr(x, x + 0.1)[0]) == pytest.approx(10 * np.log10(4 / 0.01), rel=1e-4)
+    assert float(psnr(x, x + 0.1)[0]) == pytest.approx(10 * np.log10(4 / 0.01), rel=1e-4)
     # nearest_training finds an exact copy with L2 0 and SSIM 1
     train = x.numpy()
-    l2, l2_i, ss, ss_i = ev.nearest_training(train[[2, 0]], train)
+    l2, l2_i, ss, ss_i = nearest_training(train[[2, 0]], train)
     np.testing.assert_allclose(l2, 0, atol=1e-6)
     np.testing.assert_allclose(ss, 1, atol=1e-5)
     assert list(l2_i) == [2, 0] and list(ss_i) == [2, 0]
@@ -126,7 +130,7 @@ def test_train_generator_equals_train_local(one_thread: None) -> None:
     def snap(step: int, _seconds: float, gen: object) -> None:
         seen[step] = {k: v.clone() for k, v in gen.G.state_dict().items()}  # type: ignore[attr-defined]
 
-    ev.train_generator(sites, net, train, run, [2, 3], snap)
+    train_generator(sites, net, train, run, [2, 3], snap)
     assert sorted(seen) == [2, 3]
     for k, v in ref.items():
         assert torch.equal(v, seen[3][k]), k
@@ -134,7 +138,7 @@ def test_train_generator_equals_train_local(one_thread: None) -> None:
 
 
 def test_segmenter_pieces() -> None:
-    from asyndgan.segment import SegUNet, class_weights, dice_per_class
+    from asyndgan.experiments.segmenter import SegUNet, class_weights, dice_per_class
 
     truth = np.zeros((1, 4, 4), np.uint8)
     truth[0, :2] = 1

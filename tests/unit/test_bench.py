@@ -1,4 +1,4 @@
-"""Smoke tests for ``asyndgan.bench``: the structure of its results at tiny sizes, never its timings."""
+"""Smoke tests for ``asyndgan.experiments.bench``: the structure of its results at tiny sizes, never its timings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from asyndgan import bench
+from asyndgan.experiments import bench
+from asyndgan.experiments.bytes_bench import bench_bytes
+from asyndgan.experiments.figures import bytes_png
 
 
 def test_scaling_section_structure(tmp_path: Path) -> None:
@@ -49,7 +51,7 @@ def test_scaling_section_structure(tmp_path: Path) -> None:
 
 
 def test_bytes_section_and_plot(tmp_path: Path) -> None:
-    res = bench.bench_bytes(size=32, batch=2, sites=2, steps=1, threads=torch.get_num_threads())
+    res = bench_bytes(size=32, batch=2, sites=2, steps=1, threads=torch.get_num_threads())
     schemes = [r["scheme"] for r in res["rows"]]
     assert len(schemes) == 3 and schemes[0].startswith("raw") and schemes[2].startswith("FedAvg")
     raw = res["per_step"]["raw"]
@@ -61,5 +63,5 @@ def test_bytes_section_and_plot(tmp_path: Path) -> None:
     fed_bytes = 2 * 2 * (res["generator_params"] + res["discriminator_params_per_site"]) * 4  # down+up, 2 sites
     assert fed["MB_per_epoch"] * 1e6 == pytest.approx(fed_bytes)
     png = tmp_path / "bytes.png"
-    bench.bytes_png(png, [res])
+    bytes_png(png, [res])
     assert Image.open(png).size[0] > 0

@@ -1,4 +1,4 @@
-"""A small U-Net segmenter (image -> class logits) and Dice, for the evaluation (``asyndgan.evaluate``).
+"""A small U-Net segmenter (image -> class logits) and Dice, for the evaluation (:mod:`.evaluation`).
 
 The segmenter is the measuring instrument of the paper's claim: the same network, trained with the same
 seeded schedule on different training sets (real, synthetic, mixed), is scored on held-out *real* slices.

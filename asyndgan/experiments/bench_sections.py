@@ -1,0 +1,228 @@
+"""The benchmark's sections: each runs its measurement with the command's flags, stores its results, prints
+its table (:class:`~asyndgan.experiments.tables.Report`) and adds its targets."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyndgan.experiments.bytes_bench import bench_bytes
+from asyndgan.experiments.codec_bench import bench_codecs
+from asyndgan.experiments.figures import bytes_png
+from asyndgan.experiments.scaling import bench_scaling
+from asyndgan.experiments.synthesize_bench import bench_synthesize
+from asyndgan.experiments.tables import Report, target
+from asyndgan.experiments.throughput import (
+    ThreadPlan,
+    bench_distributed,
+    bench_in_process_subprocess,
+    bench_local_step,
+    best_runs,
+)
+
+__all__ = ["SECTIONS", "BenchRun", "ints"]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+@dataclass
+class BenchRun:
+    """One ``bench`` command: its flags, the cores it may use, and what the sections have produced so far."""
+
+    args: argparse.Namespace
+    cores: int
+    out: Path
+    results: dict[str, Any]
+    report: Report = field(default_factory=Report)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    timing: list[dict[str, Any]] = field(default_factory=list)
+
+
+def codec_section(run: BenchRun) -> None:
+    a = run.args
+    torch.set_num_threads(1)
+    size = 32 if a.quick else 64
+    rows = bench_codecs(size, a.batch_size, 3 if a.quick else 20)
+    run.results["codec"] = rows
+    run.report.section(
+        f"Codec (batch {a.batch_size}, {size} px; GB/s of raw float32/uint8 bytes; 1 thread)",
+        rows,
+        ["tensor", "codec", "ratio", "encode_GBps", "decode_GBps", "rel_l2_error"],
+    )
+
+
+def step_section(run: BenchRun) -> None:
+    a = run.args
+    rows = [bench_local_step(s, a.batch_size, a.sites, a.steps, run.cores) for s in ints(a.step_sizes)]
+    run.results["local_step"] = rows
+    run.report.section(
+        f"In-process step ({a.sites} sites, batch {a.batch_size}, default nets)",
+        rows,
+        ["size", "batch", "sites", "threads", "steps", "seconds_per_step"],
+    )
+
+
+def bytes_section(run: BenchRun) -> None:
+    a = run.args
+    per_size = [bench_bytes(s, a.batch_size, a.sites, a.bytes_steps, run.cores) for s in ints(a.bytes_sizes)]
+    run.results["bytes"] = per_size
+    b0 = per_size[0]
+    png = run.out.with_name("bytes.png")
+    bytes_png(png, per_size)
+    run.report.section(
+        f"Bytes on the wire ({a.sites} sites, batch {a.batch_size}, all sites together)",
+        [r for s in per_size for r in s["rows"]],
+        ["size", "scheme", "MB_per_step", "MB_per_epoch", "vs_raw"],
+        [
+            f"epoch = {b0['steps_per_epoch']} steps ({b0['epoch_definition']}); samples per site "
+            f"{b0['samples_per_site']}.",
+            *(
+                f"{s['size']} px: G {s['generator']} {s['generator_params'] / 1e6:.2f} M params, "
+                f"D {s['discriminator_params_per_site'] / 1e6:.2f} M params per site; FedAvg per step = "
+                "per round / steps per epoch."
+                for s in per_size
+            ),
+            f"Project bytes: serialized StepRequest + StepReply of {b0['steps_measured']} real training steps "
+            f"from initialisation; plot: {png}.",
+        ],
+    )
+    run.report.section(
+        "Bytes per step by tensor (this project's default codecs)",
+        [r for s in per_size for r in s["breakdown"]],
+        ["size", "tensor", "raw_kB_per_step", "wire_kB_per_step", "ratio"],
+    )
+    for s in per_size:
+        run.targets.append(target(f"wire / raw float32 per step ({s['size']} px)", s["wire_to_raw"], 0.4, False))
+
+
+def _distributed_runs(run: BenchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(best in-process run per OpenMP policy, best distributed run per thread plan), interleaved rounds."""
+    a = run.args
+    plans = [ThreadPlan.parse(t, run.cores) for t in a.thread_plans.split(",") if t]
+    policies = sorted({pl.passive for pl in plans})
+    in_runs: list[list[dict[str, Any]]] = [[] for _ in policies]
+    dist_runs: list[list[dict[str, Any]]] = [[] for _ in plans]
+    for _ in range(a.dist_repeat):  # interleaved rounds, so a quiet or a busy spell hits every variant
+        for runs, pv in zip(in_runs, policies, strict=True):
+            runs.append(bench_in_process_subprocess(a.dist_size, a.batch_size, a.sites, a.steps, run.cores, pv))
+        for runs, pl in zip(dist_runs, plans, strict=True):
+            runs.append(bench_distributed(a.dist_size, a.batch_size, a.sites, a.steps, pl))
+    return best_runs(in_runs), best_runs(dist_runs)
+
+
+def _distributed_notes(cores: int, best: dict[str, Any]) -> list[str]:
+    return [
+        f"in-process: `asyndgan train-local --threads {cores}`; distributed: `asyndgan demo` "
+        f"(each site and the generator its own process), both fresh processes, steady s/step.",
+        f"best distributed plan {best['plan']}: throughput {best['throughput_vs_best_in_process']:.3f} "
+        "x best in-process (target >= 0.95).",
+        f"bytes on the wire per step (distributed run): {best['wire_bytes_per_step'] / 1e3:.1f} kB = "
+        f"{best['wire_to_raw']:.3f} x raw float32 (target <= 0.4).",
+        f"Threads on {cores} cores: GEN:SITE = torch threads of the generator and of each site. The "
+        "generator's forward and backward run while every site waits, and the sites' D steps run "
+        "together while the generator waits in the RPC, so the generator gets all cores and each site "
+        "one thread (single-thread sites share the cores with no OpenMP barrier inside a process). "
+        "passive = OMP_WAIT_POLICY=PASSIVE in every process (both modes): idle OpenMP threads sleep "
+        "instead of spinning after a parallel region, so a waiting process leaves its cycles to a "
+        "computing one.",
+    ]
+
+
+def distributed_section(run: BenchRun) -> None:
+    a = run.args
+    in_proc, dist = _distributed_runs(run)
+    best_in = min(in_proc, key=lambda r: r["seconds_per_step"])
+    for r in in_proc + dist:
+        r["throughput_vs_best_in_process"] = best_in["seconds_per_step"] / r["seconds_per_step"]
+    best = min(dist, key=lambda r: r["seconds_per_step"])
+    run.results["distributed"] = {"in_process": in_proc, "distributed": dist, "best": best["plan"]}
+    run.report.section(
+        f"Distributed vs in-process ({a.dist_size} px, {a.sites} sites, batch {a.batch_size}, {run.cores} cores, "
+        f"{a.steps} steps each, best of {a.dist_repeat} interleaved runs)",
+        in_proc + dist,
+        ["mode", "threads", "seconds_per_step", "runs_s_per_step", "throughput_vs_best_in_process"],
+        _distributed_notes(run.cores, best),
+    )
+    value = best["throughput_vs_best_in_process"]
+    run.targets.append(target("distributed / in-process throughput", value, 0.95, True))
+
+
+def scaling_section(run: BenchRun) -> None:
+    a = run.args
+    torch.set_num_threads(a.scaling_threads or run.cores)
+    common = (ints(a.scaling_sites), a.scaling_delay, a.scaling_steps, a.scaling_size, a.scaling_batch, a.scaling_ngf)
+    rows = bench_scaling(*common, total_batch=a.scaling_total_batch)
+    per_site_rows = bench_scaling(*common)
+    run.results["scaling"] = {
+        "delay_s": a.scaling_delay,
+        "size": a.scaling_size,
+        "total_batch": a.scaling_total_batch,
+        "batch_per_site": a.scaling_batch,
+        "generator": f"unet_{a.scaling_size} ngf {a.scaling_ngf}",
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "rows_fixed_batch_per_site": per_site_rows,
+    }
+    cols = ["sites", "batch_per_site", "seconds_per_step", "p90_seconds", "generator_compute_s", "overhead_s"]
+    head = (
+        f"{a.scaling_delay} s fixed site delay, {a.scaling_size} px, unet ngf {a.scaling_ngf}, median of "
+        f"{a.scaling_steps} steps, {torch.get_num_threads()} torch thread(s) in the generator; all emulated "
+        "sites in one other process"
+    )
+    run.report.section(
+        f"Orchestration: generator step with N emulated sites, {a.scaling_total_batch} images per step "
+        f"split over the sites ({head})",
+        rows,
+        [*cols, "ratio_to_n1"],
+        [
+            "G's batch is the same for every N, so the ratio measures the orchestration (fan-out, codecs, "
+            "aggregation); overhead = step - site delay - generator compute (same batch, no network)."
+        ],
+    )
+    run.report.section(
+        f"Same, {a.scaling_batch} images per site (G's batch grows with N)",
+        per_site_rows,
+        [*cols, "ratio_to_n1"],
+        ["Here the step also pays for G's larger forward and backward pass: not orchestration."],
+    )
+    last = rows[-1]
+    name = f"step time N={last['sites']} / N={rows[0]['sites']} (same G batch)"
+    run.targets.append(target(name, last["ratio_to_n1"], 1.2, False))
+
+
+def synthesize_section(run: BenchRun) -> None:
+    a = run.args
+    torch.set_num_threads(run.cores)
+    synth_codecs = [c for c in a.synth_codecs.split(",") if c]
+    res = bench_synthesize(a.synth_size, a.synth_batch, a.synth_requests, a.synth_repeat, synth_codecs)
+    run.results["synthesize"] = res
+    run.report.section(
+        f"Synthesize ({res['size']} px, batch {res['batch']}, {res['requests']} requests, {res['generator']}, "
+        f"{res['threads']} threads, best of {a.synth_repeat})",
+        res["rows"],
+        ["path", "images_per_s", "vs_forward"],
+        [
+            "client and generator service in this process; real gRPC stream on loopback; vs_forward = "
+            "images/s over the faster forward pass."
+        ],
+    )
+    first = res["rows"][2]
+    run.targets.append(target(f"Synthesize / forward pass ({synth_codecs[0]})", first["vs_forward"], 0.9, True))
+
+
+# in the order they run
+SECTIONS: dict[str, Callable[[BenchRun], None]] = {
+    "codec": codec_section,
+    "step": step_section,
+    "bytes": bytes_section,
+    "distributed": distributed_section,
+    "scaling": scaling_section,
+    "synthesize": synthesize_section,
+}

@@ -1,0 +1,121 @@
+"""The evaluation's generators: AsynDGAN G (the in-process trainer's exact loop, :func:`asyndgan.local.run_steps`)
+and a centralised pix2pix (the same trainer with ONE site holding all sites' pooled real data), snapshotted at a
+few steps. A run hands back synthetic images, never model weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
+from asyndgan.data import SiteData
+from asyndgan.experiments.datasets import pool_sites
+from asyndgan.experiments.settings import Setting
+from asyndgan.local import InProcessSites, LocalRun, build_trainers, run_steps
+from asyndgan.nets import NetConfig
+
+__all__ = ["GeneratorRun", "generator_task", "synthesize_all", "train_generator"]
+
+log = logging.getLogger(__name__)
+
+
+def train_generator(
+    sites: list[SiteData],
+    net: NetConfig,
+    train: TrainConfig,
+    run: LocalRun,
+    snapshots: Iterable[int],
+    on_snapshot: Callable[[int, float, GeneratorTrainer], None],
+) -> GeneratorTrainer:
+    """:func:`asyndgan.local.train_local`'s loop (same trainers, seeds and batch order, so G after k steps equals
+    ``train_local(iterations=k)`` bit for bit), calling ``on_snapshot(step, train_seconds, gen)`` after each step
+    listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks."""
+    site_trainers, gen = build_trainers(sites, net, train, run)
+    wanted = set(snapshots)
+    seconds = 0.0
+
+    def on_step(it: int, step_seconds: float, outcome: StepOutcome) -> None:
+        nonlocal seconds
+        seconds += step_seconds
+        if it % 50 == 0 or it == run.iterations:
+            log.info(
+                "G %s step %d/%d loss %.3f (%.1f s)", sites[0].name, it, run.iterations, outcome.generator_loss, seconds
+            )
+        if it in wanted:
+            on_snapshot(it, seconds, gen)
+
+    run_steps(gen, InProcessSites(site_trainers, gen.modalities), run.iterations, on_step)
+    return gen
+
+
+@torch.no_grad()
+def synthesize_all(gen: GeneratorTrainer, labels: np.ndarray, channels: Sequence[int], batch: int = 32) -> np.ndarray:
+    """G(labels) for every row, channels ``channels`` of G's outputs, float32 in [-1, 1]."""
+    out = [
+        gen.synthesize(torch.from_numpy(labels[i : i + batch]))[:, list(channels)] for i in range(0, len(labels), batch)
+    ]
+    return torch.cat(out).clamp(-1, 1).numpy()
+
+
+@dataclass
+class GeneratorRun:
+    """What one generator training hands back: synthetic images per snapshot, no model weights."""
+
+    kind: str
+    steps: list[int]
+    seconds: list[float]
+    synth_train: dict[int, np.ndarray]  # snapshot step -> G(all training label maps), site order
+    synth_heldout: np.ndarray  # final G(held-out label maps)
+    threads: int
+
+
+def generator_task(
+    kind: str,
+    sites: list[SiteData],
+    heldout: SiteData,
+    setting: Setting,
+    seed: int,
+    threads: int,
+    all_labels: np.ndarray,
+) -> GeneratorRun:
+    """Train the ``kind`` ("asyndgan" or "centralised") generator with ``threads`` torch threads (a pool task)."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        return _train_generator_run(kind, sites, heldout, setting, seed, all_labels)
+    finally:
+        torch.set_num_threads(before)  # a pooled worker runs segmenters next, with its own thread budget
+
+
+def _train_generator_run(
+    kind: str, sites: list[SiteData], heldout: SiteData, setting: Setting, seed: int, all_labels: np.ndarray
+) -> GeneratorRun:
+    net = NetConfig(generator=setting.generator, ngf=setting.ngf, ndf=setting.ndf)
+    batch = setting.gen_batch * (len(sites) if kind == "centralised" else 1)
+    train_sites = [pool_sites(sites)] if kind == "centralised" else sites
+    snaps = setting.snapshot_steps() if kind == "asyndgan" else [setting.gen_steps]
+    res = GeneratorRun(kind, [], [], {}, np.empty(0, np.float32), torch.get_num_threads())
+    channels = list(range(len(sites[0].modalities)))
+
+    def on_snapshot(step: int, seconds: float, gen: GeneratorTrainer) -> None:
+        res.steps.append(step)
+        res.seconds.append(round(seconds, 3))
+        res.synth_train[step] = synthesize_all(gen, all_labels, channels)
+        if step == setting.gen_steps:
+            res.synth_heldout = synthesize_all(gen, heldout.labels, channels)
+
+    log.info("%s: training %s G for %d steps (batch %d)", setting.name, kind, setting.gen_steps, batch)
+    train_generator(
+        train_sites,
+        net,
+        TrainConfig(),
+        LocalRun(iterations=setting.gen_steps, batch_size=batch, seed=seed),
+        snaps,
+        on_snapshot,
+    )
+    return res

@@ -1,0 +1,175 @@
+"""Segmentation utility: the training sets compared (conditions (a)-(e)), one segmenter per condition and seed
+(optionally in a pool of worker processes), and Dice summaries per condition."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from asyndgan.data import SiteData
+from asyndgan.experiments.datasets import pool_sites, synthetic_sites
+from asyndgan.experiments.generators import GeneratorRun
+from asyndgan.experiments.segmenter import SegConfig, evaluate_dice, train_segmenter
+
+__all__ = [
+    "Conditions",
+    "SegTask",
+    "condition_entry",
+    "make_pool",
+    "ratio",
+    "run_segmenters",
+    "seg_task",
+    "training_conditions",
+]
+
+log = logging.getLogger(__name__)
+
+# condition key -> (readable label, training set); keys "a", "b<j>", "c", "d", "e<j>", and "c@<step>" for the curve
+Conditions = dict[str, tuple[str, SiteData]]
+
+
+@dataclass(frozen=True)
+class SegTask:
+    setting: str
+    condition: str
+    seed: int
+    train: SiteData
+    heldout: SiteData
+    cfg: SegConfig
+    shifted: SiteData | None = None
+
+
+def _init_worker(threads: int, log_level: int) -> None:
+    """Worker process entry: its torch thread budget, and log lines in the parent's format on stderr."""
+    torch.set_num_threads(max(1, threads))
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+
+
+def make_pool(jobs: int, threads: int) -> cf.Executor | None:
+    """``jobs`` spawned worker processes sharing ``threads`` torch threads, or None for ``jobs`` <= 1."""
+    if jobs <= 1:
+        return None
+    return cf.ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(max(1, threads // jobs), logging.getLogger().getEffectiveLevel()),
+    )
+
+
+def seg_task(task: SegTask) -> tuple[list[float], list[float] | None]:
+    """Train one segmenter; its Dice per class on the held-out set (and on the shifted set, if any)."""
+    t = time.perf_counter()
+    channels = list(range(len(task.train.modalities)))
+    model = train_segmenter(task.train, channels, task.cfg, task.seed)
+    dice = [float(d) for d in evaluate_dice(model, task.heldout, channels)]
+    shifted = [float(d) for d in evaluate_dice(model, task.shifted, channels)] if task.shifted is not None else None
+    log.info(
+        "%s %s seed %d: Dice %s%s (%.1f s)",
+        task.setting,
+        task.condition,
+        task.seed,
+        " ".join(f"{d:.3f}" for d in dice),
+        f"; shifted {np.mean(shifted):.3f}" if shifted is not None else "",
+        time.perf_counter() - t,
+    )
+    return dice, shifted
+
+
+def training_conditions(
+    sites: list[SiteData],
+    syn_async: list[SiteData],
+    syn_central: list[SiteData],
+    g_async: GeneratorRun,
+    final: int,
+    augment: str,
+) -> Conditions:
+    """(a) pooled real, (b) each site alone, (c) AsynDGAN synthetic ``syn_async``, (d) centralised synthetic
+    ``syn_central``, (e) one site's real data + AsynDGAN synthetic for the others (every site, or the first with
+    ``augment`` "first"), and (c) at every earlier snapshot of ``g_async`` (``final`` = its last step)."""
+    n_sites = len(sites)
+    conditions: Conditions = {"a": ("pooled real data, all sites", pool_sites(sites))}
+    for j, s in enumerate(sites):
+        conditions[f"b{j}"] = (f"real data of {s.name} only", s)
+    conditions["c"] = ("AsynDGAN synthetic images, all sites' label maps", pool_sites(syn_async))
+    conditions["d"] = ("centralised pix2pix synthetic images, all sites' label maps", pool_sites(syn_central))
+    aug_sites = range(n_sites) if augment == "all" else range(1)
+    if n_sites > 1:
+        for j in aug_sites:
+            mix = [sites[i] if i == j else syn_async[i] for i in range(n_sites)]
+            conditions[f"e{j}"] = (
+                f"real data of {sites[j].name} + AsynDGAN synthetic for the other sites",
+                pool_sites(mix),
+            )
+    for step in g_async.steps:
+        if step != final:
+            syn = synthetic_sites(sites, g_async.synth_train[step], f"asyndgan{step}")
+            conditions[f"c@{step}"] = (f"AsynDGAN synthetic after {step} G steps", pool_sites(syn))
+    return conditions
+
+
+def run_segmenters(
+    setting: str,
+    conditions: Conditions,
+    seeds: Sequence[int],
+    heldout: SiteData,
+    cfg: SegConfig,
+    shifted: SiteData | None,
+    pool: cf.Executor | None,
+) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+    """One segmenter per condition and seed: per condition, Dice per class per seed on the held-out set and on
+    the shifted set (snapshot conditions "c@k" are not scored on the shifted set)."""
+    tasks = [
+        SegTask(setting, key, seed, train, heldout, cfg, None if "@" in key else shifted)
+        for key, (_label, train) in conditions.items()
+        for seed in seeds
+    ]
+    results = list(pool.map(seg_task, tasks)) if pool is not None else [seg_task(t) for t in tasks]
+    by_key: dict[str, list[list[float]]] = {}
+    shifted_by_key: dict[str, list[list[float]]] = {}
+    for task, (res, sh) in zip(tasks, results, strict=True):
+        by_key.setdefault(task.condition, []).append(res)
+        if sh is not None:
+            shifted_by_key.setdefault(task.condition, []).append(sh)
+    return by_key, shifted_by_key
+
+
+def ratio(x: float, y: float) -> float:
+    return float(x) / float(y) if y > 0 else 0.0
+
+
+def condition_entry(
+    label: str, n_train: int, per_seed: list[list[float]], seeds: Sequence[int], shifted: list[list[float]] | None
+) -> dict[str, Any]:
+    """A condition's JSON entry: Dice per seed and class, mean and std over seeds (and on the shifted set)."""
+    arr = np.asarray(per_seed, dtype=np.float64)  # (seeds, classes)
+    means = arr.mean(1)
+    extra: dict[str, Any] = {}
+    if shifted is not None:
+        sm = np.asarray(shifted, dtype=np.float64).mean(1)
+        extra["shifted"] = {
+            "per_seed_mean": list(map(float, sm)),
+            "mean": float(sm.mean()),
+            "std": float(sm.std(ddof=1)) if len(sm) > 1 else 0.0,
+        }
+    return {
+        "label": label,
+        "train_images": n_train,
+        "per_seed": [
+            {"seed": s, "per_class": list(map(float, r)), "mean": float(m)}
+            for s, r, m in zip(seeds, arr, means, strict=True)
+        ],
+        "mean": float(means.mean()),
+        "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
+        "per_class_mean": list(map(float, arr.mean(0))),
+        "per_class_std": list(map(float, arr.std(0, ddof=1))) if len(arr) > 1 else [0.0] * arr.shape[1],
+        **extra,
+    }
