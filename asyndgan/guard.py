@@ -177,8 +177,8 @@ class PrivacyGuard:
     ) -> tuple[torch.Tensor, list[LossTerm]]:
         """The guarded site step (module docstring): charge, DP update of each D, gradient from DP parts only."""
         self.charge(len(pairs))
-        labels, images = self.real_sample(t.cfg.flip, t.cfg.max_shift)
-        cond_real, real = one_hot(labels.to(t.device), t.num_classes), images.to(t.device)
+        real_labels, real_images = self.real_sample(t.cfg.flip, t.cfg.max_shift)
+        cond_real, real = one_hot(real_labels.to(t.device), t.num_classes), real_images.to(t.device)
         mode = t.net_cfg.gan_mode
         losses: list[LossTerm] = []
         for m, c, k in pairs:
