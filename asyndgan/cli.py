@@ -188,6 +188,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
             metrics=a.metrics,
             tls=a.tls,
             omp_wait_policy=a.omp_wait_policy,
+            subjects=a.subjects,
+            privacy=a.privacy,
         )
     )
     wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
@@ -203,6 +205,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         summary["l1_heldout"],
         Path(a.out) / "samples.png",
     )
+    for site in summary["sites"]:
+        log.info("  %s: privacy %s, epsilon spent %.3g", site["name"], site["privacy"], site["epsilon_spent"])
     return 0
 
 
@@ -271,6 +275,8 @@ def cmd_certs(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from asyndgan.clients import audit
+
     parser = argparse.ArgumentParser(prog="asyndgan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -339,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--modalities", default="t1", help="e.g. t1,t2 for the multi-modality variant")
     p.add_argument("--missing", default="", help="SITE:MODALITY a site lacks, e.g. hospital-0:t2")
+    p.add_argument("--subjects", type=int, default=400, help="virtual subjects per site (0 = 75 template slices)")
+    p.add_argument("--privacy", default="dp", choices=["dp", "none"], help="the sites' privacy guard")
     p.add_argument("--tls", action="store_true", help="mutual TLS with a development CA (in OUT/run/certs)")
     p.add_argument(
         "--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the processes (PASSIVE, ACTIVE, default)"
@@ -364,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_flags(p)
     add_common(p)
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("audit", help="red-team a running discriminator as a malicious generator would")
+    audit.add_arguments(p)
+    add_common(p)
+    p.set_defaults(func=audit.run)
 
     p = sub.add_parser("certs", help="development CA and certificates for mutual TLS")
     certs = p.add_subparsers(dest="certs_command", required=True)

@@ -39,6 +39,8 @@ class DemoConfig:
     codec: str = ""
     extra_generator_args: tuple[str, ...] = ()
     extra_site_args: tuple[str, ...] = ()
+    subjects: int = 400  # virtual subjects per site (embedded population; 0 = the template's 75 slices per site)
+    privacy: str = "dp"  # the sites' guard: dp (budget planned for `iterations` steps) or none (the paper)
     metrics: bool = False  # every process serves /metrics on a free port: run/metrics/NAME.port, run/metrics.json
     tls: bool = False  # mutual TLS with a development CA made in run/certs
     # Idle OpenMP threads sleep instead of spinning, so a process waiting on the network leaves its cores to
@@ -50,6 +52,8 @@ class DemoConfig:
             raise ValueError("--sites must be between 1 and 16")
         if self.omp_wait_policy.upper() not in ("PASSIVE", "ACTIVE", "DEFAULT"):
             raise ValueError("--omp-wait-policy must be PASSIVE, ACTIVE or default")
+        if self.privacy not in ("dp", "none") or self.subjects < 0:
+            raise ValueError("--privacy must be dp or none and --subjects >= 0")
         if self.iterations < 1 or self.size < 16 or self.batch_size < 1:
             raise ValueError("--iterations >= 1, --size >= 16 and --batch-size >= 1 are required")
 
@@ -128,7 +132,19 @@ def site_data_spec(cfg: DemoConfig, j: int) -> str:
         name, _, lacking = cfg.missing.partition(":")
         if name == site_name:
             mods = ",".join(m for m in mods.split(",") if m != lacking)
-    return f"{EMBEDDED}?site={j}&of={cfg.sites}&size={cfg.size}&modalities={mods}"
+    population = f"&subjects={cfg.subjects}" if cfg.subjects else ""
+    return f"{EMBEDDED}?site={j}&of={cfg.sites}&size={cfg.size}&modalities={mods}{population}"
+
+
+def heldout_spec(cfg: DemoConfig) -> str:
+    population = f"&subjects={max(cfg.subjects // 4, 1)}" if cfg.subjects else ""
+    return f"{EMBEDDED}?split=heldout&of={cfg.sites}&size={cfg.size}&modalities={cfg.modalities}{population}"
+
+
+def _privacy_args(cfg: DemoConfig) -> list[str]:
+    if cfg.privacy == "none":
+        return ["--privacy", "none"]
+    return ["--privacy", "dp", "--privacy-steps", str(cfg.iterations)]
 
 
 def _prepare(cfg: DemoConfig) -> tuple[Path, dict[str, str]]:
@@ -168,6 +184,7 @@ def _start_sites(
             "--batch-size", str(cfg.batch_size),
             "--seed", str(site_seed(cfg.seed, j)),
             "--threads", str(cfg.site_threads),
+            *_privacy_args(cfg),
             *cfg.extra_site_args,
             *_metrics_args(cfg, run_dir, name),
             *_tls_args(cfg, run_dir, name),
@@ -187,7 +204,7 @@ def _generator_args(cfg: DemoConfig, run_dir: Path, site_flags: list[str]) -> li
         "--checkpoint-dir", str(run_dir / "checkpoints" / "generator"),
         "--out", str(cfg.out),
         "--listen", "127.0.0.1:0",
-        "--heldout", f"{EMBEDDED}?split=heldout&of={cfg.sites}&size={cfg.size}&modalities={cfg.modalities}",
+        "--heldout", heldout_spec(cfg),
         "--seed", str(cfg.seed),
         "--threads", str(cfg.generator_threads),
         *(["--codec", cfg.codec] if cfg.codec else []),

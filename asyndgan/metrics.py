@@ -119,7 +119,7 @@ class GeneratorMetrics:
             registry=registry,
         )
         self.iterations = Counter(
-            "asyndgan_iterations_total", "Generator updates applied (steps with at least one usable site)", [],
+            "asyndgan_iterations_total", "Generator updates applied (steps with at least one usable site)",
             registry=registry,
         )  # fmt: skip
         self.steps_attempted = Counter(
@@ -127,10 +127,8 @@ class GeneratorMetrics:
             "Step attempts, including those where no site could take part",
             registry=registry,
         )
-        self.sites_active = Gauge(
-            "asyndgan_sites_active", "Sites whose gradient counted in the last step", registry=registry
-        )
-        self.sites_configured = Gauge("asyndgan_sites_configured", "Sites the generator trains with", registry=registry)
+        self.sites_active = Gauge("asyndgan_sites_active", "Sites counted in the last step", registry=registry)
+        self.sites_configured = Gauge("asyndgan_sites_configured", "Sites G trains with", registry=registry)
         self.dropped = Counter(
             "asyndgan_site_dropped_total",
             "Times a site was left out of a step, by reason",
@@ -228,12 +226,8 @@ class SiteCollector:
             GaugeMetricFamily(
                 "asyndgan_loss", "Last loss terms computed at this site (D and G terms)", labels=list(LOSS_LABELS)
             ),
-            GaugeMetricFamily(
-                "asyndgan_privacy_guarded", "1: DP guard on; 0: unguarded", labels=["site"]
-            ),
-            GaugeMetricFamily(
-                "asyndgan_privacy_epsilon", "Epsilon spent by the site", labels=["site"]
-            ),
+            GaugeMetricFamily("asyndgan_privacy_guarded", "1: DP guard on; 0: unguarded", labels=["site"]),
+            GaugeMetricFamily("asyndgan_privacy_epsilon", "Epsilon spent by the site", labels=["site"]),
             GaugeMetricFamily(
                 "asyndgan_privacy_epsilon_budget", "Privacy budget the site allows (epsilon)", labels=["site"]
             ),

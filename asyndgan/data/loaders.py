@@ -166,6 +166,29 @@ def _finish(
 # ------------------------------------------------------------------------------------------------------ npz
 
 
+def _read_npz(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(labels, images, modalities or None, num_classes or None) as stored in the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = [k for k in ("labels", "images") if k not in keys]
+            if missing:
+                raise DataError(
+                    f"{where}: missing key(s) {', '.join(missing)} (found: {', '.join(sorted(keys)) or 'none'})"
+                )
+            return (
+                z["labels"],
+                z["images"],
+                z["modalities"] if "modalities" in keys else None,
+                z["num_classes"] if "num_classes" in keys else None,
+            )
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{where} cannot be read as .npz ({type(exc).__name__}: {exc})") from None
+
+
+
 def load_npz(options: dict[str, str], size: int | None = None) -> SiteData:
     """``npz:FILE``: keys ``labels`` (N, H, W) int, ``images`` (N, M, H, W) or (N, H, W); optional
     ``modalities`` (str array) and ``num_classes`` (int)."""
@@ -175,23 +198,7 @@ def load_npz(options: dict[str, str], size: int | None = None) -> SiteData:
     out_size = resolve_size(options, size, None)
     if not path.is_file():
         raise DataError(f"{where} not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            missing = [k for k in ("labels", "images") if k not in keys]
-            if missing:
-                raise DataError(
-                    f"{where}: missing key(s) {', '.join(missing)} (found: {', '.join(sorted(keys)) or 'none'})"
-                )
-            raw_labels = z["labels"]
-            raw_images = z["images"]
-            file_mods = z["modalities"] if "modalities" in keys else None
-            file_nc = z["num_classes"] if "num_classes" in keys else None
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{where} cannot be read as .npz ({type(exc).__name__}: {exc})") from None
-
+    raw_labels, raw_images, file_mods, file_nc = _read_npz(path, where)
     if raw_labels.ndim != 3:
         raise DataError(f"{where}: labels must have shape (N, H, W), got {raw_labels.shape}")
     if raw_images.ndim == 3:
@@ -253,6 +260,17 @@ def _read_png(path: Path, kind: str) -> np.ndarray:
     return arr
 
 
+def _png_intensity(img: np.ndarray, where: str) -> np.ndarray:
+    """A PNG's pixels as float32 in [-1, 1]: 8-bit /255, 16-bit /65535, anything else normalised."""
+    if img.dtype == np.uint8:
+        return scale_intensity(img, 0.0, 255.0)
+    if img.dtype == np.bool_:
+        return img.astype(np.float32) * 2.0 - 1.0
+    if np.issubdtype(img.dtype, np.integer) and img.min() >= 0 and img.max() <= 65535:
+        return scale_intensity(img, 0.0, 65535.0)  # 16-bit grayscale PNG
+    return normalise_images(img[None, None], "auto", where)[0, 0]
+
+
 def load_png(options: dict[str, str], size: int | None = None) -> SiteData:
     """``png:DIR``: pairs ``DIR/images/<name>.png`` + ``DIR/labels/<name>.png`` (grayscale; labels are class
     indices, 8/16-bit or palette indices; images 8-bit -> /255, 16-bit -> /65535)."""
@@ -290,14 +308,7 @@ def load_png(options: dict[str, str], size: int | None = None) -> SiteData:
             raise DataError(f"{where}: shape mismatch for {name}.png: image {img.shape} vs label {lab.shape}")
         pair_where = f"{where}, {name}.png"
         lab8 = as_labels(lab, pair_where)
-        if img.dtype == np.uint8:
-            img_f = scale_intensity(img, 0.0, 255.0)
-        elif img.dtype == np.bool_:
-            img_f = img.astype(np.float32) * 2.0 - 1.0
-        elif np.issubdtype(img.dtype, np.integer) and img.min() >= 0 and img.max() <= 65535:
-            img_f = scale_intensity(img, 0.0, 65535.0)  # 16-bit grayscale PNG
-        else:
-            img_f = normalise_images(img[None, None], "auto", pair_where)[0, 0]
+        img_f = _png_intensity(img, pair_where)
         if out_size is not None:
             lab8, img4 = resize_square(lab8[None], img_f[None, None], out_size)
             lab8, img_f = lab8[0], img4[0, 0]
