@@ -32,8 +32,14 @@ __all__ = [
     "MAX_CHANNELS",
     "MAX_SYNTH_BATCH",
     "batch_from_proto",
+    "batch_request_from_proto",
+    "batch_request_to_proto",
     "batch_to_proto",
+    "checkpoint_reply_from_proto",
+    "checkpoint_reply_to_proto",
+    "checkpoint_request_to_proto",
     "codec_from_proto",
+    "describe_request_to_proto",
     "labels_from_tensor",
     "losses_from_proto",
     "losses_to_proto",
@@ -133,6 +139,35 @@ def site_status_to_proto(s: SiteStatus) -> dpb.SiteStatus:
 
 def site_status_from_proto(m: dpb.SiteStatus) -> SiteStatus:
     return SiteStatus(m.site_id, m.steps, losses_from_proto(m.last_losses), m.serving, privacy_from_proto(m.privacy))
+
+
+# -- empty requests, NextBatch request, Checkpoint -----------------------------------------------------
+
+
+def describe_request_to_proto() -> dpb.DescribeRequest:
+    return dpb.DescribeRequest()
+
+
+def batch_request_to_proto(label_codec: str | codec.Codec) -> dpb.BatchRequest:
+    return dpb.BatchRequest(label_codec=str(label_codec))
+
+
+def batch_request_from_proto(m: dpb.BatchRequest) -> codec.Codec:
+    """The codec the caller wants label maps in (empty: the default)."""
+    return codec_from_proto(m.label_codec, codec.LABEL_CODEC)
+
+
+def checkpoint_request_to_proto() -> dpb.CheckpointRequest:
+    return dpb.CheckpointRequest()
+
+
+def checkpoint_reply_to_proto(steps: int, file: str) -> dpb.CheckpointReply:
+    """``file`` is a file name only, never a path (nothing about the site's disk leaves it)."""
+    return dpb.CheckpointReply(steps=steps, file=file)
+
+
+def checkpoint_reply_from_proto(m: dpb.CheckpointReply) -> tuple[int, str]:
+    return m.steps, m.file
 
 
 # -- label batches -------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from asyndgan.algorithm import GeneratorTrainer, TrainConfig
 from asyndgan.messages import SiteDescription, StepAnswer, StepWork
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import TlsConfig, make_channel
-from asyndgan.v1 import discriminator_pb2 as dpb
 from asyndgan.v1 import discriminator_pb2_grpc as dpb_grpc
 
 __all__ = [
@@ -100,12 +99,14 @@ class SiteClient:
 
     def describe(self) -> SiteDescription:
         if self._info is None:
-            self._info = wire.site_info_from_proto(self._call("Describe", self.stub.Describe, dpb.DescribeRequest()))
+            self._info = wire.site_info_from_proto(
+                self._call("Describe", self.stub.Describe, wire.describe_request_to_proto())
+            )
         return self._info
 
     def next_batch(self) -> tuple[int, torch.Tensor]:
         """The site's outstanding batch: (batch id, label maps (B, H, W) uint8)."""
-        reply = self._call("NextBatch", self.stub.NextBatch, dpb.BatchRequest(label_codec=str(codec.LABEL_CODEC)))
+        reply = self._call("NextBatch", self.stub.NextBatch, wire.batch_request_to_proto(codec.LABEL_CODEC))
         return wire.batch_from_proto(reply, self.describe())
 
     def step(self, batch_id: int, fakes: torch.Tensor, step: int) -> StepAnswer:

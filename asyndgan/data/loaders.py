@@ -188,7 +188,6 @@ def _read_npz(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
         raise DataError(f"{where} cannot be read as .npz ({type(exc).__name__}: {exc})") from None
 
 
-
 def load_npz(options: dict[str, str], size: int | None = None) -> SiteData:
     """``npz:FILE``: keys ``labels`` (N, H, W) int, ``images`` (N, M, H, W) or (N, H, W); optional
     ``modalities`` (str array) and ``num_classes`` (int)."""

@@ -98,7 +98,7 @@ class EmulatedSite(pb_grpc.DiscriminatorServicer):
             return self._cached(("step", prev, shape, str(work.grad_codec), str(work.label_codec)), reply)
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
-        return pb.CheckpointReply(steps=self.steps, file="")
+        return wire.checkpoint_reply_to_proto(self.steps, "")
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.SiteStatus:
         return wire.site_status_to_proto(SiteStatus(self.site_id, self.steps, [], serving=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from asyndgan import codec, wire
+from asyndgan import wire
 from asyndgan.rpc import translate_errors
 from asyndgan.services.discriminator.site import Site
 from asyndgan.v1 import discriminator_pb2 as pb
@@ -23,7 +23,7 @@ class DiscriminatorServicer(pb_grpc.DiscriminatorServicer):
 
     @translate_errors
     def NextBatch(self, request: pb.BatchRequest, context: grpc.ServicerContext) -> pb.ConditionBatch:
-        label_codec = wire.codec_from_proto(request.label_codec, codec.LABEL_CODEC)
+        label_codec = wire.batch_request_from_proto(request)
         batch = self.site.next_batch()
         return wire.batch_to_proto(batch.id, batch.labels, label_codec)
 
@@ -37,7 +37,7 @@ class DiscriminatorServicer(pb_grpc.DiscriminatorServicer):
     @translate_errors
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         path = self.site.checkpoint()
-        return pb.CheckpointReply(steps=self.site.steps, file=path.name if path else "")
+        return wire.checkpoint_reply_to_proto(self.site.steps, path.name if path else "")
 
     @translate_errors
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.SiteStatus:

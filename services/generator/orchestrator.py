@@ -25,7 +25,6 @@ from asyndgan.errors import BUDGET_EXHAUSTED_PREFIX, IncompatibleSites
 from asyndgan.messages import LossTerm, SiteDescription, SiteState, StepAnswer, StepWork
 from asyndgan.observer import NullObserver, StepObserver
 from asyndgan.rpc import TlsConfig, make_channel
-from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 from asyndgan.v1 import tensor_pb2
 
@@ -236,7 +235,7 @@ class Orchestrator:
                     link,
                     "Describe",
                     lambda lk=link: lk.stub.Describe(  # type: ignore[misc]
-                        pb.DescribeRequest(), timeout=self.cfg.connect_deadline_s, wait_for_ready=True
+                        wire.describe_request_to_proto(), timeout=self.cfg.connect_deadline_s, wait_for_ready=True
                     ),
                 )
             except grpc.RpcError as e:
@@ -280,7 +279,7 @@ class Orchestrator:
     def _ensure_batch(self, link: SiteLink) -> None:
         if link.labels is not None or link.finished:
             return
-        req = pb.BatchRequest(label_codec=self.cfg.label_codec)
+        req = wire.batch_request_to_proto(self.cfg.label_codec)
         try:
             # A site that is down gets one try per step, so it does not slow the others down.
             reply = self._call(
@@ -328,7 +327,7 @@ class Orchestrator:
             if not link.active:
                 continue
             try:
-                link.stub.Checkpoint(pb.CheckpointRequest(), timeout=self.cfg.step_deadline_s)
+                link.stub.Checkpoint(wire.checkpoint_request_to_proto(), timeout=self.cfg.step_deadline_s)
             except grpc.RpcError as e:
                 log.warning("site %s did not checkpoint: %s", link.name, e.code().name)
 
