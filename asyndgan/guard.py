@@ -64,7 +64,7 @@ class PrivacyConfig:
     clip: float = 1.0
     sample_size: int = 0
     anchor_weight: float = 10.0  # weight of L1(fake, DP class-mean anchor) in the returned gradient; 0 = GAN only
-    stats_noise: float = 5.0  # noise multiplier of the one-off class-mean release
+    stats_noise: float = 10.0  # noise multiplier of the one-off class-mean release
     ledger: Path | None = None  # default: privacy-ledger.json beside the site's checkpoint
     insecure_seed: int | None = None  # tests only: makes sampling and noise reproducible (and predictable)
 

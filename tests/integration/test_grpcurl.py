@@ -74,7 +74,9 @@ class Services:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("grpcurl")
-    cfg = DiscriminatorConfig(site_id=SITE, data=site_spec(0, 2), batch_size=BATCH, net=NET, train=TRAIN)
+    cfg = DiscriminatorConfig(
+        site_id=SITE, data=site_spec(0, 2), batch_size=BATCH, net=NET, train=TRAIN, checkpoint_dir=tmp / "site"
+    )
     _, server = start_discriminator(cfg)
     gen = GeneratorService.start(
         GeneratorConfig(
@@ -154,7 +156,9 @@ def test_grpcurl_with_mutual_tls(tmp_path: Path) -> None:
     issue(tmp_path, SITE)
     issue(tmp_path, "operator")
     tls = TlsConfig(tmp_path / f"{SITE}.pem", tmp_path / f"{SITE}.key", tmp_path / "ca.pem")
-    cfg = DiscriminatorConfig(site_id=SITE, data=site_spec(0, 2), batch_size=BATCH, net=NET, train=TRAIN, tls=tls)
+    cfg = DiscriminatorConfig(
+        site_id=SITE, data=site_spec(0, 2), batch_size=BATCH, net=NET, train=TRAIN, tls=tls, checkpoint_dir=tmp_path
+    )
     _, server = start_discriminator(cfg)
     try:
         target = f"127.0.0.1:{server.port}"

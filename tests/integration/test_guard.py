@@ -19,15 +19,18 @@ from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 from tests.integration.cluster import BATCH, PAPER, generator_config, start_sites, stop_sites
 
-# A budget that lasts a few steps: sigma 2 at q = 4/75 allows max_steps(...) of them.
-TIGHT = PrivacyConfig(mode="dp", epsilon=0.4, delta=1e-5, noise_multiplier=2.0)
+# A budget that lasts a few steps after the class-mean release (sigma 2 at q = 4/n).
+TIGHT = PrivacyConfig(mode="dp", epsilon=0.46, delta=1e-5, noise_multiplier=2.0)
 
 
 def test_budget_exhaustion_finishes_the_site_and_training_goes_on(tmp_path: Path) -> None:
     sites = start_sites(2, tmp_path, privacy=[TIGHT, PAPER])
     guarded = sites[:1]
-    n = guarded[0][0].description.num_samples
-    allowed = max_steps(BATCH / n, TIGHT.noise_multiplier, TIGHT.epsilon, TIGHT.delta)
+    guard = guarded[0][0].guard
+    assert guard is not None and guard.q == BATCH / guarded[0][0].description.num_samples
+    release = (1.0, TIGHT.stats_noise, 1)  # the class means, charged when the site started
+    assert guard.ledger.segments == [release]
+    allowed = max_steps(guard.q, TIGHT.noise_multiplier, TIGHT.epsilon, TIGHT.delta, [release])
     assert 1 <= allowed <= 20
     svc = GeneratorService.start(generator_config(sites, tmp_path, allowed + 4, "bf16+zstd"))
     try:
@@ -86,7 +89,7 @@ def test_guarded_reply_carries_nothing_computed_on_real_images(tmp_path: Path) -
         svc.train()
         link = svc.orch.links[0]
         terms = {(t.network, t.term) for t in link.last_losses}
-        assert terms == {("D", "fake"), ("G", "gan"), ("G", "total")}
+        assert terms == {("D", "fake"), ("G", "gan"), ("G", "anchor"), ("G", "total")}
         assert link.info is not None and link.info.privacy.mode == "dp"
     finally:
         svc.stop(grace=0)

@@ -108,7 +108,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, in
     small = ["--ngf", "8", "--ndf", "8", "--threads", "1"]
     site = subprocess.Popen(
         [*CLI, "discriminator", "--site-id", "h0", "--data", f"embedded:icbm152?site=0&of=2&size={SIZE}",
-         "--listen", "127.0.0.1:0", "--port-file", str(tmp / "site.port"), "--batch-size", str(BATCH), *small],
+         "--listen", "127.0.0.1:0", "--port-file", str(tmp / "site.port"), "--batch-size", str(BATCH),
+         "--checkpoint-dir", str(tmp / "site"), *small],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     procs = [site]

@@ -329,6 +329,7 @@ def test_health_serving_only_when_loaded_and_not_serving_during_shutdown(
         net=NET,
         train=TRAIN,
         port_file=tmp_path / "site.port",
+        checkpoint_dir=tmp_path / "site",
     )
     _, server = start_discriminator(cfg)
     gen = None
@@ -550,8 +551,12 @@ def test_prometheus_scrapes_training_and_dashboard_returns_data(tmp_path: Path) 
         assert 0 < float(step[0]["value"][1]) < 60
         losses = by_site(prom.query('asyndgan_loss{network="D"}'), "job", "site", "term")
         for job in ("asyndgan-generator", "asyndgan-discriminator"):
-            assert {(job, s, t) for s in SITES for t in ("real", "fake")} <= set(losses), losses
+            assert {(job, s, "fake") for s in SITES} <= set(losses), losses
             assert all(math.isfinite(v) for v in losses.values())
+        # The sites run the default guard: no loss computed on real images reaches any metric.
+        assert not [k for k in losses if k[2] == "real"], losses
+        spent = by_site(prom.query("asyndgan_privacy_epsilon"), "site")
+        assert {k[0] for k in spent} == set(SITES) and all(0 < v <= 8 for v in spent.values()), spent
     finally:
         if prom is not None:
             prom.stop()
