@@ -64,7 +64,8 @@ done
 
 # 5
 "$TOOLS_PY" deploy/k8s/check_rendered.py manifests "$OUT/args.json" "$OUT"/*.yaml
-"$PY" deploy/k8s/check_rendered.py cli-args "$OUT/args.json"
+# -P: the chart folder deploy/k8s/asyndgan must not shadow the asyndgan package
+"$PY" -P deploy/k8s/check_rendered.py cli-args "$OUT/args.json"
 
 # 6: each of these must make `helm template` fail, with a message that names the problem
 refuse() {  # refuse WHY EXPECTED-MESSAGE-REGEX ARGS...
