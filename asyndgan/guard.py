@@ -109,13 +109,12 @@ class PrivacyGuard:
         self.aug_rng = secure_rng(None if seed is None else seed + 1)
         self.noise = secure_generator(None if seed is None else seed + 2, device)
         self.ledger = PrivacyLedger.open(ledger, site_id, cfg.epsilon, cfg.delta)
-        self.exhausted = False
-        k, m = data.num_classes, len(data.modalities)
-        stats_rng = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed + 3)
-        means = self.ledger.release(
-            "class_means", cfg.stats_noise, lambda: class_means(data, cfg.stats_noise, stats_rng)
-        )
-        self.class_means = torch.tensor(means, dtype=torch.float32, device=device).reshape(k, m)
+        try:
+            self.class_means = self._release_class_means(seed, device)
+        except BaseException:
+            self.ledger.close()
+            raise
+        self.exhausted = self.ledger.remaining_steps(self.q, self.sigma) < len(data.modalities)
         if seed is not None:
             log.warning("privacy guard seeded with --privacy-insecure-seed: noise and sampling are predictable")
         log.info(
@@ -128,6 +127,19 @@ class PrivacyGuard:
             cfg.epsilon,
             cfg.delta,
         )
+
+    def _release_class_means(self, seed: int | None, device: torch.device) -> torch.Tensor:
+        """The (K, M) class-mean table: released once under DP and kept in the ledger (reused on restart)."""
+        data, noise = self.data, self.cfg.stats_noise
+        k, m = data.num_classes, len(data.modalities)
+        rng = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed + 3)
+        means = self.ledger.release("class_means", noise, lambda: class_means(data, noise, rng))
+        if len(means) != k * m:
+            raise ValueError(
+                f"privacy ledger {self.ledger.path} holds class means for another data layout "
+                f"({len(means)} values, this site has {k} classes x {m} modalities)"
+            )
+        return torch.tensor(means, dtype=torch.float32, device=device).reshape(k, m)
 
     def anchor(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, M, H, W): each pixel painted with its class's released mean intensity, per modality."""
