@@ -67,6 +67,10 @@ docker-smoke: setup
 	VENV=$(VENV) bash scripts/docker_smoke.sh
 
 # Segmentation evaluation (easy + hard settings, memorisation audit) -> results/eval.{json,md,png}; docs/evaluation.md
-.PHONY: eval
+.PHONY: eval eval-privacy
 eval: setup
 	$(PY) -m asyndgan.cli eval --out results
+
+# Privacy evaluation (guard vs none: attacks, membership, memorisation, utility, step time) -> results/privacy.{json,md}
+eval-privacy: setup
+	$(PY) -m asyndgan.experiments.privacy_eval --out results

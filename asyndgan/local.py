@@ -15,6 +15,7 @@ import torch
 
 from asyndgan.algorithm import Batch, Dropped, GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig, site_seed
 from asyndgan.data import SiteData
+from asyndgan.errors import BudgetExhausted
 from asyndgan.io import write_json_atomic
 from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig
@@ -129,7 +130,11 @@ class InProcessSites:
     def __call__(self, fakes: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
         answers: list[StepAnswer | Dropped] = []
         for j, (t, b, part) in enumerate(zip(self.trainers, self.batches, fakes, strict=True)):
-            grad = t.step(b, part, self.modalities)
+            try:
+                grad = t.step(b, part, self.modalities)
+            except BudgetExhausted as e:  # as over the network: the site is finished, the others go on
+                answers.append(Dropped("finished", str(e)))
+                continue
             self.batches[j] = nxt = t.next_batch()
             answers.append(StepAnswer(b.id, grad, list(t.last_losses), nxt.id, nxt.labels))
         return answers

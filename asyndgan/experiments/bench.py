@@ -123,7 +123,7 @@ def _finish(run: BenchRun, t_start: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     logging.getLogger("asyndgan.services").setLevel(logging.WARNING)  # per-site connect lines of the runs
     if a.quick:
         _apply_quick(a)

@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if a.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,
     )
     try:
         return cmd_eval(a, ["python", "-m", "asyndgan.experiments.evaluate", *args])

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from asyndgan.data import SiteData, load_site
 from asyndgan.experiments.datasets import pool_sites
@@ -67,8 +68,8 @@ class PrivacyOptions:
     def validate(self) -> None:
         if not self.modes:
             raise ValueError("at least one mode (none or an epsilon)")
-        for m in self.modes:
-            mode_epsilon(m)
+        if len({mode_key(m) for m in self.modes}) != len(self.modes):
+            raise ValueError(f"modes {list(self.modes)} name one mode twice")
         if min(self.size, self.sites, self.subjects, self.steps, self.batch, self.ngf, self.ndf) < 1:
             raise ValueError("size, sites, subjects, steps, batch, ngf and ndf must be >= 1")
         if min(self.heldout_subjects, self.nonmember_subjects, self.active_subjects, self.active_steps) < 1:
@@ -84,8 +85,9 @@ class PrivacyOptions:
         return [m for m in self.modes if m != "none"]
 
 
-def quick_options(**over: object) -> PrivacyOptions:
-    """Smoke-test sizes: 32 px, 20 subjects per site, 4 G steps, modes none and 8, one seed (the tests)."""
+def quick_options(**over: Any) -> PrivacyOptions:
+    """Smoke-test sizes: 32 px, 20 subjects per site, 4 G steps, modes none and 8, one seed, everything in this
+    process on one torch thread (the tests)."""
     q = PrivacyOptions(
         size=32,
         subjects=20,
@@ -101,11 +103,12 @@ def quick_options(**over: object) -> PrivacyOptions:
         memo_limit=8,
         active_steps=8,
         jobs=1,
+        threads=1,
         bench_rounds=2,
         bench_steps=3,
         quick=True,
     )
-    return dataclasses.replace(q, **over)  # type: ignore[arg-type]
+    return dataclasses.replace(q, **over)
 
 
 def mode_epsilon(mode: str) -> float | None:
@@ -144,9 +147,7 @@ def heldout_specs(o: PrivacyOptions) -> list[str]:
 def nonmember_specs(o: PrivacyOptions) -> list[str]:
     """Per site: other people (population seed NONMEMBER_SEED) from the same slab, imaged by the same scanner:
     the same distribution as the site's members, never trained on."""
-    return [
-        f"{_population(o)}&site={j}&subjects={o.nonmember_subjects}&seed={NONMEMBER_SEED}" for j in range(o.sites)
-    ]
+    return [f"{_population(o)}&site={j}&subjects={o.nonmember_subjects}&seed={NONMEMBER_SEED}" for j in range(o.sites)]
 
 
 def active_spec(o: PrivacyOptions) -> str:

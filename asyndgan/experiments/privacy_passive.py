@@ -87,9 +87,10 @@ class IndexedSliceBook(SliceBook):
     unchanged up to a flip, unless the shift pushed content off the image (then the content touches the
     border). So every uncropped view is indexed by its crop in canvas coordinates; a later uncropped view of the
     same slice finds it directly, and the placement is checked against every known label of the canvas as the
-    plain search would. A view that touches the border (or is mirror-symmetric) falls back to the plain search over all slices; an
-    uncropped view that is not in the index is searched for among the slices never seen uncropped, else it is a
-    new slice. Same placements as :class:`SliceBook` (a test compares them); much faster with many slices."""
+    plain search would. A view that touches the border (or is mirror-symmetric) falls back to the plain search
+    over all slices; an uncropped view that is not in the index is searched for among the slices never seen
+    uncropped, else it is a new slice. Same placements as :class:`SliceBook` (a test compares them), much faster
+    with many slices."""
 
     def __init__(self, height: int, width: int, channels: int, *, max_shift: int = 2) -> None:
         super().__init__(height, width, channels, max_shift=max_shift, tolerance=0.0)

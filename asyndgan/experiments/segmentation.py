@@ -50,7 +50,7 @@ class SegTask:
 def _init_worker(threads: int, log_level: int) -> None:
     """Worker process entry: its torch thread budget, and log lines in the parent's format on stderr."""
     torch.set_num_threads(max(1, threads))
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s", force=True)
 
 
 def make_pool(jobs: int, threads: int) -> cf.Executor | None:
