@@ -94,6 +94,9 @@ def bench_distributed(size: int, batch: int, sites: int, steps: int, plan: Threa
         args = ["demo", "--sites", str(sites), "--iterations", str(steps), "--size", str(size)]
         args += ["--batch-size", str(batch), "--generator-threads", str(plan.generator)]
         args += ["--site-threads", str(plan.site)]
+        # The same algorithm and data as train-local: the paper's exchange on the template sites (the privacy
+        # guard's cost is measured by `make eval-privacy`).
+        args += ["--privacy", "none", "--subjects", "0"]
         # The demo sets OMP_WAIT_POLICY for its processes itself; "default" leaves OpenMP's own default.
         args += ["--omp-wait-policy", "PASSIVE" if plan.passive else "default"]
         s = _run_summary(args, Path(tmp), _env(plan.passive))
