@@ -25,7 +25,6 @@ import dataclasses
 import datetime as _dt
 import functools
 import logging
-import multiprocessing as mp
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from asyndgan.experiments.privacy_common import (
 )
 from asyndgan.experiments.privacy_report import judge, markdown_report, summary_lines
 from asyndgan.experiments.privacy_tasks import mode_task, real_segmenter_task, step_bench
-from asyndgan.experiments.segmentation import condition_entry, ratio
+from asyndgan.experiments.segmentation import condition_entry, make_pool, ratio
 from asyndgan.io import write_bytes_atomic, write_json_atomic
 
 __all__ = ["main", "run_privacy_eval"]
@@ -95,25 +94,6 @@ def plan(o: PrivacyOptions) -> list[Task]:
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def _init_worker(threads: int, level: int) -> None:
-    """Worker entry: its torch thread budget; log lines on stderr. ``force``: the spawned worker has imported
-    this module, hence opacus, which configures the root logger at WARNING on import."""
-    torch.set_num_threads(max(1, threads))
-    logging.basicConfig(level=level, format=LOG_FORMAT.replace("%(name)s", "%(name)s[worker]"), force=True)
-
-
-def make_pool(jobs: int, threads: int) -> cf.Executor | None:
-    """``jobs`` spawned workers sharing ``threads`` torch threads, or None (everything in this process)."""
-    if jobs <= 1:
-        return None
-    return cf.ProcessPoolExecutor(
-        max_workers=jobs,
-        mp_context=mp.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(max(1, threads // jobs), logging.getLogger().getEffectiveLevel()),
-    )
 
 
 def _bench_mode(o: PrivacyOptions) -> str | None:
