@@ -54,7 +54,7 @@ class PrivacyOptions:
     delta: float = 1e-5
     seeds: tuple[int, ...] = (0, 1, 2)  # segmenter seeds
     seg: SegConfig = field(default_factory=SegConfig)
-    memo_limit: int = 48  # synthetic (and real non-member) images per memorisation-audit group
+    memo_limit: int = 96  # synthetic (and real non-member) images per memorisation-audit group
     active_subjects: int = 15
     active_slices: int = 5
     active_steps: int = 150
