@@ -77,13 +77,17 @@ def cmd_train_local(a: argparse.Namespace) -> int:
 
 
 def cmd_discriminator(a: argparse.Namespace) -> int:
-    from asyndgan.rpc import stop_event_on_signals
-    from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
+    from asyndgan.rpc import stop_event_on_signals, wait_for
+    from asyndgan.services.discriminator.service import DiscriminatorConfig, start_dial_out, start_discriminator
 
+    if a.connect and a.listen:
+        raise UsageError("--connect (dial-out) opens no gRPC port: drop --listen")
     cfg = DiscriminatorConfig(
         site_id=a.site_id,
         data=a.data,
-        listen=a.listen,
+        listen=a.listen or "127.0.0.1:50061",
+        connect=a.connect,
+        server_name=a.server_name,
         checkpoint_dir=Path(a.checkpoint_dir) if a.checkpoint_dir else None,
         size=a.size,
         batch_size=a.batch_size,
@@ -99,9 +103,14 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
     )
     stop = stop_event_on_signals()
     registry, metrics_http = start_metrics(a, "discriminator")
-    site, server = start_discriminator(cfg, registry=registry)
-    stop.wait()
-    server.stop(grace=a.grace)
+    if cfg.connect:
+        site, link = start_dial_out(cfg, registry)
+        wait_for(stop)
+        link.stop(timeout=a.grace)
+    else:
+        site, server = start_discriminator(cfg, registry=registry)
+        wait_for(stop)
+        server.stop(grace=a.grace)
     site.checkpoint()
     site.close()
     if metrics_http is not None:
@@ -111,7 +120,7 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
 
 
 def cmd_generator(a: argparse.Namespace) -> int:
-    from asyndgan.rpc import stop_event_on_signals
+    from asyndgan.rpc import stop_event_on_signals, wait_for
     from asyndgan.services.generator.orchestrator import OrchestratorConfig
     from asyndgan.services.generator.service import GeneratorConfig, GeneratorService
 
@@ -138,11 +147,15 @@ def cmd_generator(a: argparse.Namespace) -> int:
         allowed_clients=tuple(a.allow_client),
         max_grad_norm=a.max_grad_norm,
         device=a.device,
+        min_sites=a.min_sites,
     )
     stop = stop_event_on_signals()
     registry, metrics_http = start_metrics(a, "generator")
-    service = GeneratorService.start(cfg, registry=registry)
+    service = GeneratorService.start(cfg, registry=registry, stop=stop)
     try:
+        if not service.ready:
+            log.info("stopped while waiting for the sites")
+            return 0
         summary = service.train(stop)
         if registry is not None and a.out:
             from prometheus_client import generate_latest
@@ -161,7 +174,7 @@ def cmd_generator(a: argparse.Namespace) -> int:
         )
         if a.serve and not stop.is_set():
             log.info("training done; serving Synthesize until SIGTERM")
-            stop.wait()
+            wait_for(stop)
     finally:
         service.stop(grace=a.grace)
         if metrics_http is not None:
@@ -298,7 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", required=env("data") is None, default=env("data"), help="site data spec (see docs/data.md)"
     )
-    p.add_argument("--listen", default=env("listen", "127.0.0.1:50061"), help="HOST:PORT (port 0 = any)")
+    p.add_argument(
+        "--listen", default=env("listen"), help="HOST:PORT to serve on (port 0 = any; default 127.0.0.1:50061)"
+    )
+    p.add_argument(
+        "--connect",
+        default=env("connect"),
+        metavar="HOST:PORT",
+        help="dial out to the generator's port instead of listening (no inbound port; docs/deploy.md)",
+    )
+    p.add_argument(
+        "--server-name",
+        default=env("server_name", "generator"),
+        help="with --connect and TLS: the name the generator's certificate must carry",
+    )
     p.add_argument("--checkpoint-dir", default=env("checkpoint_dir"))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE")
@@ -315,7 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_discriminator)
 
     p = sub.add_parser("generator", help="train the central generator against the sites")
-    p.add_argument("--site", action="append", type=parse_site, required=True, help="NAME=HOST:PORT, repeat")
+    p.add_argument(
+        "--site",
+        action="append",
+        type=parse_site,
+        required=True,
+        help="NAME=HOST:PORT: the generator dials the site; NAME: the site dials in (--connect); repeat",
+    )
+    p.add_argument(
+        "--min-sites",
+        type=int,
+        default=int(env("min_sites", "0") or 0),
+        help="sites needed to start training (0 = all); later sites join at the next step",
+    )
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--checkpoint-dir", required=True)
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -323,7 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=env("listen", "127.0.0.1:50051"))
     p.add_argument("--port-file")
     p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
-    p.add_argument("--deadline", type=float, default=60.0, help="seconds a site has per step")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        help="most seconds a site has per step (adapts below this to each site's latency, floor 5 s)",
+    )
     p.add_argument("--max-grad-norm", type=float, default=1e3, help="drop a site gradient above this L2 norm")
     p.add_argument("--out", help="write summary.json and samples.png here")
     p.add_argument("--heldout", help="held-out data spec for evaluation (L1)")

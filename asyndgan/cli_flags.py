@@ -125,11 +125,14 @@ def tls_config(a: argparse.Namespace) -> TlsConfig | None:
     return TlsConfig(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca))
 
 
-def parse_site(value: str) -> tuple[str, str]:
+def parse_site(value: str) -> tuple[str, str | None]:
+    """NAME=HOST:PORT (the generator dials the site) or NAME (the site dials out to the generator)."""
     name, sep, address = value.partition("=")
+    if not sep and name and ":" not in name:
+        return name, None
     host, colon, port = address.rpartition(":")
     if not sep or not name or not colon or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT or NAME (a dial-out site), got {value!r}")
     return name, address
 
 

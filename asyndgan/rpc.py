@@ -23,6 +23,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "Server",
     "TlsConfig",
+    "explain_rpc_error",
     "handler_behavior",
     "make_channel",
     "make_server",
@@ -30,6 +31,7 @@ __all__ = [
     "status_code_for",
     "stop_event_on_signals",
     "translate_errors",
+    "wait_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,14 @@ class TlsConfig:
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
+
+
+# Servers accept the clients' keepalive pings even on an idle stream (a dial-out site's Join stream between runs);
+# the default policy would answer pings more often than every 5 minutes with GOAWAY.
+_SERVER_PINGS = [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 def _options(max_message: int) -> list[tuple[str, Any]]:
@@ -104,6 +114,14 @@ def stop_event_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return event
+
+
+def wait_for(stop: threading.Event) -> None:
+    """Block the main thread until ``stop`` is set. It wakes every 0.2 s: a signal that the kernel delivers to
+    another thread (any gRPC or torch thread can take it) only runs its Python handler once the main thread
+    executes bytecode again, so an unbounded wait could sleep through SIGTERM."""
+    while not stop.wait(0.2):
+        pass
 
 
 class _Malformed:
@@ -208,24 +226,25 @@ def make_server(
     max_message: int = MAX_MESSAGE_BYTES,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     workers: int = 8,
+    open_services: Sequence[str] = (),
 ) -> Server:
     """Start a server on ``listen`` (HOST:PORT, port 0 = any) with health and reflection; NOT_SERVING.
 
     ``allowed_clients`` (needs ``tls``): certificate names that may call ``service_names``; empty = any
-    certificate from the CA."""
+    certificate from the CA. ``open_services`` are served too but do their own admission (the join port)."""
     if allowed_clients and tls is None:
         raise ValueError("an allow-list of client names needs mutual TLS")
     guard = [AllowClients(allowed_clients, service_names)] if allowed_clients else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         interceptors=[*interceptors, *guard, RejectMalformed()],  # denied calls still show in metrics
-        options=_options(max_message),
+        options=_options(max_message) + _SERVER_PINGS,
         maximum_concurrent_rpcs=workers * 4,
     )
     register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (*service_names, *open_services, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     if tls is not None:
         cert, key, ca = tls.read()
@@ -236,7 +255,7 @@ def make_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
-    srv = Server(server, health_servicer, port, tuple(service_names))
+    srv = Server(server, health_servicer, port, (*service_names, *open_services))
     srv.set_serving(False)
     return srv
 
@@ -257,6 +276,46 @@ def make_channel(
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(target, creds, options=options)
+
+
+_PROBLEMS = [  # (fragment of grpc's error text, what it means for the user)
+    ("Connection refused", "connection refused: nothing listens at {target} (is the service up, is this its port?)"),
+    (
+        "before receiving SETTINGS",
+        "no answer from {target}: a firewall or NetworkPolicy may drop the packets, or the host is down",
+    ),
+    ("resolving", "cannot resolve the host name of {target}: check the address"),
+    (
+        "Hostname Verification",
+        "TLS name mismatch: the certificate at {target} does not name {name!r} "
+        "(check the name given and the certificate's DNS names)",
+    ),
+    (
+        "Tls handshake failed",
+        "TLS handshake with {target} failed: a certificate was rejected (signed by another CA?) "
+        "or {target} does not use TLS; check --tls-ca on both sides",
+    ),
+    (
+        "Socket closed",
+        "{target} closed the connection during setup: it may require TLS, or it rejected our certificate",
+    ),
+]
+
+
+def explain_rpc_error(e: grpc.RpcError, target: str, server_name: str | None = None) -> str:
+    """One line for a failed call to ``target`` that says what to check (not grpc's internal wording)."""
+    code, details = e.code(), e.details() or ""  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        for fragment, message in _PROBLEMS:
+            if fragment in details:
+                return message.format(target=target, name=server_name)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer from {target} in time: a firewall may drop the packets, or the peer is down or stopped"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"{target} refused us: {details}"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"{target} does not serve this AsynDGAN API: wrong port, or another service?"
+    return f"{code.name}: {details}"
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:

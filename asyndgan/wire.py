@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from google.protobuf.message import Message
 
 from asyndgan import codec
 from asyndgan.errors import BadRequest
@@ -25,12 +26,14 @@ from asyndgan.messages import (
     TrainingState,
 )
 from asyndgan.v1 import discriminator_pb2 as dpb
+from asyndgan.v1 import federation_pb2 as fpb
 from asyndgan.v1 import generator_pb2 as gpb
 from asyndgan.v1 import tensor_pb2
 
 __all__ = [
     "MAX_CHANNELS",
     "MAX_SYNTH_BATCH",
+    "WORK_METHODS",
     "batch_from_proto",
     "batch_request_from_proto",
     "batch_request_to_proto",
@@ -40,6 +43,8 @@ __all__ = [
     "checkpoint_request_to_proto",
     "codec_from_proto",
     "describe_request_to_proto",
+    "hello_from_proto",
+    "hello_to_proto",
     "labels_from_tensor",
     "losses_from_proto",
     "losses_to_proto",
@@ -47,6 +52,8 @@ __all__ = [
     "privacy_to_proto",
     "site_info_from_proto",
     "site_info_to_proto",
+    "site_message_from_proto",
+    "site_message_to_proto",
     "site_status_from_proto",
     "site_status_to_proto",
     "step_reply_from_proto",
@@ -59,6 +66,8 @@ __all__ = [
     "synthetic_batch_to_proto",
     "training_status_from_proto",
     "training_status_to_proto",
+    "work_from_proto",
+    "work_to_proto",
 ]
 
 MAX_CHANNELS = 16  # a site never decodes more than a batch of this many image channels
@@ -326,3 +335,54 @@ def synthetic_batch_to_proto(
 
 def synthetic_batch_from_proto(m: gpb.SyntheticBatch) -> tuple[torch.Tensor, list[str]]:
     return codec.decode(m.images), list(m.modalities)
+
+
+# -- the Join stream of dial-out sites (federation.proto) ---------------------------------------------
+
+# Discriminator RPC -> the oneof field that carries it in Work and SiteMessage.
+WORK_METHODS = {"Describe": "describe", "NextBatch": "next_batch", "Step": "step", "Checkpoint": "checkpoint"}
+_METHOD_OF_FIELD = {f: m for m, f in WORK_METHODS.items()}
+
+
+def hello_to_proto(site_id: str, version: str) -> fpb.SiteMessage:
+    return fpb.SiteMessage(hello=fpb.Hello(site_id=site_id, version=version))
+
+
+def hello_from_proto(m: fpb.SiteMessage) -> tuple[str, str]:
+    """(site id, version) of a site's first message."""
+    if m.WhichOneof("body") != "hello" or not m.hello.site_id:
+        raise BadRequest("the first message on a Join stream must be a hello naming the site")
+    return m.hello.site_id, m.hello.version
+
+
+def work_to_proto(call_id: int, method: str, request: Message) -> fpb.Work:
+    work = fpb.Work(call_id=call_id)
+    getattr(work, WORK_METHODS[method]).CopyFrom(request)
+    return work
+
+
+def work_from_proto(m: fpb.Work) -> tuple[int, str, Message]:
+    """(call id, Discriminator method name, its request)."""
+    field = m.WhichOneof("body")
+    if field is None:
+        raise BadRequest(f"work item {m.call_id} carries no request")
+    return m.call_id, _METHOD_OF_FIELD[field], getattr(m, field)
+
+
+def site_message_to_proto(
+    call_id: int, method: str, reply: Message | None, code: int = 0, error: str = ""
+) -> fpb.SiteMessage:
+    """A site's answer to work item ``call_id``: ``reply``, or (``code``, ``error``) when it failed."""
+    if reply is None:
+        return fpb.SiteMessage(call_id=call_id, error=fpb.WorkError(code=code, message=error[:500]))
+    msg = fpb.SiteMessage(call_id=call_id)
+    getattr(msg, WORK_METHODS[method]).CopyFrom(reply)
+    return msg
+
+
+def site_message_from_proto(m: fpb.SiteMessage) -> tuple[int, Message | fpb.WorkError]:
+    """(call id, the reply or the site's error); a message that answers nothing is a BadRequest."""
+    field = m.WhichOneof("body")
+    if field is None or field == "hello":
+        raise BadRequest("a site message after the hello must answer a work item")
+    return m.call_id, getattr(m, field)

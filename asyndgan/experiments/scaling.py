@@ -61,7 +61,9 @@ def _measure(
         links = [SiteLink.dial(f"site-{j}", addr) for j, addr in enumerate(addresses)]
         orch = Orchestrator(links, OrchestratorConfig(step_deadline_s=max(30.0, 100 * delay)))
         stack.callback(orch.close)
-        _h, _w, k, mods = orch.connect()
+        geometry = orch.wait_for_quorum(timeout=60)
+        assert geometry is not None
+        _h, _w, k, mods = geometry
         gen = GeneratorTrainer(net, TrainConfig(), num_classes=k, modalities=mods, seed=0, image_size=size)
         times = _orchestrated(orch, gen, warmup, steps)
         labels = [torch.from_numpy(pool[:per_site]) for _ in range(n)]

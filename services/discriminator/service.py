@@ -1,4 +1,5 @@
-"""Entry logic of a hospital's discriminator service: load data, build the site, serve."""
+"""Entry logic of a hospital's discriminator: load data, build the site, then serve it (dial-in) or join the
+generator (dial-out, no listening port)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from asyndgan.io import write_bytes_atomic
 from asyndgan.metrics import GrpcServerMetrics, SiteCollector
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import Server, TlsConfig, make_server
+from asyndgan.services.discriminator.dialout import DialOut
 from asyndgan.services.discriminator.servicer import DiscriminatorServicer
 from asyndgan.services.discriminator.site import Site
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 
-__all__ = ["DiscriminatorConfig", "start_discriminator"]
+__all__ = ["DiscriminatorConfig", "build_site", "start_dial_out", "start_discriminator"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class DiscriminatorConfig:
     allowed_clients: tuple[str, ...] = ()  # with tls: certificate names that may call the service (empty: any)
     device: str = "cpu"
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    connect: str | None = None  # dial out to the generator's join port at HOST:PORT instead of listening
+    server_name: str = "generator"  # with TLS and connect: the name the generator's certificate must carry
 
     def validate(self) -> None:
         if not self.site_id or any(c in self.site_id for c in "/\\ \t\n="):
@@ -58,19 +62,9 @@ class DiscriminatorConfig:
         self.privacy.validate()
 
 
-def start_discriminator(
-    cfg: DiscriminatorConfig,
-    interceptors: tuple[grpc.ServerInterceptor, ...] = (),
-    *,
-    registry: CollectorRegistry | None = None,
-) -> tuple[Site, Server]:
-    """Load data, build the site (resuming from its checkpoint), start serving; returns both.
-
-    With ``registry``, gRPC server metrics and the site's own step count and losses are registered on it.
-    The server reports SERVING only once data and model are loaded."""
+def build_site(cfg: DiscriminatorConfig, registry: CollectorRegistry | None = None) -> Site:
+    """Load data and build the site (resuming from its checkpoint); its own metrics go on ``registry``."""
     cfg.validate()
-    if registry is not None:
-        interceptors = (GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["Discriminator"]]), *interceptors)
     data = load_site(cfg.data, size=cfg.size)
     site = Site(
         cfg.site_id,
@@ -87,6 +81,32 @@ def start_discriminator(
         site.restore()
     if registry is not None:
         registry.register(SiteCollector(site))
+    d = site.description
+    log.info(
+        "site %s: %d samples, modalities %s, %dx%d, privacy %s",
+        cfg.site_id,
+        d.num_samples,
+        list(d.modalities),
+        d.height,
+        d.width,
+        d.privacy.mode,
+    )
+    return site
+
+
+def start_discriminator(
+    cfg: DiscriminatorConfig,
+    interceptors: tuple[grpc.ServerInterceptor, ...] = (),
+    *,
+    registry: CollectorRegistry | None = None,
+) -> tuple[Site, Server]:
+    """A dial-in site: build it, start serving; returns both.
+
+    With ``registry``, gRPC server metrics and the site's own step count and losses are registered on it.
+    The server reports SERVING only once data and model are loaded."""
+    if registry is not None:
+        interceptors = (GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["Discriminator"]]), *interceptors)
+    site = build_site(cfg, registry)
     server = make_server(
         cfg.listen,
         lambda s: pb_grpc.add_DiscriminatorServicer_to_server(DiscriminatorServicer(site), s),
@@ -98,15 +118,16 @@ def start_discriminator(
     if cfg.port_file:
         write_bytes_atomic(cfg.port_file, str(server.port).encode())
     server.set_serving(True)
-    d = site.description
-    log.info(
-        "site %s serving on port %d: %d samples, modalities %s, %dx%d, privacy %s",
-        cfg.site_id,
-        server.port,
-        d.num_samples,
-        list(d.modalities),
-        d.height,
-        d.width,
-        d.privacy.mode,
-    )
+    log.info("site %s serving on port %d", cfg.site_id, server.port)
     return site, server
+
+
+def start_dial_out(cfg: DiscriminatorConfig, registry: CollectorRegistry | None = None) -> tuple[Site, DialOut]:
+    """A dial-out site: build it and keep it joined to the generator at ``cfg.connect``; no port is opened."""
+    if not cfg.connect:
+        raise ValueError("a dial-out site needs the generator's address (--connect HOST:PORT)")
+    site = build_site(cfg, registry)
+    link = DialOut(site, cfg.connect, tls=cfg.tls, server_name=cfg.server_name)
+    link.start()
+    log.info("site %s dials out to the generator at %s (no listening port)", cfg.site_id, cfg.connect)
+    return site, link

@@ -1,31 +1,40 @@
-"""The generator's round logic: dial sites, check them, and run AsynDGAN steps with deadlines.
+"""The generator's round logic: bring sites in, check them, and run AsynDGAN steps with deadlines.
 
-Per step every active site gets G's images for its outstanding label maps (one ``Step`` RPC, all sites
-concurrently, :class:`StepExchange`). A site that errors, misses the deadline or sends an unusable gradient is
-left out of that step (:meth:`Orchestrator._settle` is the one place that books it), the weights are renormalised
-over the sites that answered, and it is asked for a fresh batch at the next step. A site that has spent its
-privacy budget is finished: training goes on without it.
+Per step every active site gets G's images for its outstanding label maps (one ``Step`` call, all sites
+concurrently, :class:`StepExchange`), over whichever transport reaches it (it dials in or out). A site that
+errors, misses its deadline or sends an unusable gradient is left out of that step (:meth:`Orchestrator._settle`
+is the one place that books it) and the weights are renormalised over the sites that answered. A background
+probe brings it back: the late answer of the step it missed, else NextBatch with backoff; it takes part again
+from the step after. No step ever waits on a site that is out. A site that has spent its privacy budget is
+finished: training goes on without it.
+
+Deadlines adapt per site: once a site has answered three steps it gets ``deadline_factor`` x the slowest of its
+last 20 answers, at least ``deadline_floor_s`` and at most ``step_deadline_s`` (``--deadline``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from asyndgan import codec, wire
 from asyndgan.algorithm import Dropped, GeneratorTrainer, StepOutcome
 from asyndgan.errors import BUDGET_EXHAUSTED_PREFIX, IncompatibleSites
 from asyndgan.messages import LossTerm, SiteDescription, SiteState, StepAnswer, StepWork
 from asyndgan.observer import NullObserver, StepObserver
-from asyndgan.rpc import TlsConfig, make_channel
-from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
+from asyndgan.rpc import TlsConfig
+from asyndgan.services.generator.transport import DialedSite, JoinedSite, Pending, SiteTransport
 from asyndgan.v1 import tensor_pb2
 
 __all__ = [
@@ -35,11 +44,12 @@ __all__ = [
     "SitesFinished",
     "StepExchange",
     "check_compatible",
+    "check_joins",
 ]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+Geometry = tuple[int, int, int, tuple[str, ...]]  # height, width, label classes, modalities
 
 
 class SitesFinished(Exception):
@@ -48,23 +58,24 @@ class SitesFinished(Exception):
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
-    step_deadline_s: float = 60.0
+    step_deadline_s: float = 60.0  # the most a site is given per step; also the timeout of background probes
+    deadline_floor_s: float = 5.0  # adaptive deadline: max(floor, factor x slowest of the last 20 answers) ...
+    deadline_factor: float = 5.0  # ... capped at step_deadline_s
     connect_deadline_s: float = 10.0
     image_codec: str = str(codec.IMAGE_CODEC)
     grad_codec: str = str(codec.IMAGE_CODEC)
     label_codec: str = str(codec.LABEL_CODEC)
     retries: int = 3
     backoff_s: float = 0.2
+    max_backoff_s: float = 2.0
 
 
 @dataclass
 class SiteLink:
-    """One site as the generator sees it: its channel, description, outstanding batch and counters."""
+    """One site as the generator sees it: how to reach it, its description, outstanding batch and counters."""
 
     name: str
-    address: str
-    stub: pb_grpc.DiscriminatorStub
-    channel: grpc.Channel
+    transport: SiteTransport
     info: SiteDescription | None = None
     batch_id: int = 0
     labels: torch.Tensor | None = None
@@ -79,11 +90,30 @@ class SiteLink:
     payload_received: int = 0
     epsilon_spent: float = 0.0
     last_losses: list[LossTerm] = field(default_factory=list)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    waiting: str = ""  # why the site is not in, while it is not
+    recovering: bool = False  # a background probe is bringing it (back) in
+    pending: tuple[int, torch.Tensor] | None = None  # the batch a probe brought back, taken at the next step
 
     @classmethod
     def dial(cls, name: str, address: str, tls: TlsConfig | None = None) -> SiteLink:
-        channel = make_channel(address, tls=tls, server_name=name if tls else None)
-        return cls(name, address, pb_grpc.DiscriminatorStub(channel), channel)
+        """A dial-in site: the generator calls it at ``address``."""
+        return cls(name, DialedSite(name, address, tls))
+
+    @classmethod
+    def joined(cls, name: str) -> SiteLink:
+        """A dial-out site: it calls the generator's join port."""
+        return cls(name, JoinedSite(name))
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    def deadline(self, cfg: OrchestratorConfig) -> float:
+        """Seconds this site gets per step: adapted from its recent answers once it has given three."""
+        if len(self.latencies) < 3:
+            return cfg.step_deadline_s
+        return min(cfg.step_deadline_s, max(cfg.deadline_floor_s, cfg.deadline_factor * max(self.latencies)))
 
     def state(self) -> SiteState:
         info = self.info
@@ -94,14 +124,14 @@ class SiteLink:
             num_samples=info.num_samples if info else 0,
             steps_contributed=self.contributed,
             steps_dropped=self.dropped,
-            last_error=self.last_error,
+            last_error=self.last_error if self.active or not self.waiting else f"waiting: {self.waiting}",
             privacy=info.privacy.mode if info else "",
             epsilon_spent=self.epsilon_spent,
             finished=self.finished,
         )
 
 
-def check_compatible(infos: Sequence[SiteDescription]) -> tuple[int, int, int, tuple[str, ...]]:
+def check_compatible(infos: Sequence[SiteDescription]) -> Geometry:
     """(height, width, num_classes, modalities) shared by all sites, or IncompatibleSites."""
     first = infos[0]
     for i in infos[1:]:
@@ -121,6 +151,19 @@ def check_compatible(infos: Sequence[SiteDescription]) -> tuple[int, int, int, t
     return first.height, first.width, first.num_classes, tuple(modalities)
 
 
+def check_joins(geometry: Geometry, info: SiteDescription) -> None:
+    """A site that comes in after training started must fit the generator built from the first sites."""
+    height, width, num_classes, modalities = geometry
+    if (info.height, info.width, info.num_classes) != (height, width, num_classes):
+        raise IncompatibleSites(
+            f"site {info.site_id} has {info.height}x{info.width} images with {info.num_classes} label classes; "
+            f"the generator was built for {height}x{width} with {num_classes}"
+        )
+    extra = [m for m in info.modalities if m not in modalities]
+    if extra:
+        raise IncompatibleSites(f"site {info.site_id} holds modalities {extra} the generator does not produce")
+
+
 def _dropped(e: grpc.RpcError) -> Dropped:
     code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(BUDGET_EXHAUSTED_PREFIX):
@@ -130,19 +173,23 @@ def _dropped(e: grpc.RpcError) -> Dropped:
 
 
 Counter = Callable[[SiteLink, str, Any, Sequence[tensor_pb2.Tensor]], None]
+_TIMEOUTS = (TimeoutError, grpc.FutureTimeoutError)
 
 
 class StepExchange:
     """One step's round trip: G's images to every site at once, per site its :class:`StepAnswer` or why not.
 
-    It only talks and decodes; it changes no link (the orchestrator settles the outcome afterwards)."""
+    Each site is waited for until its own deadline (:meth:`SiteLink.deadline`); a call still running then is
+    kept in :attr:`late` (its answer brings the site back in). It only talks and decodes; it changes no link."""
 
     def __init__(
         self, links: Sequence[SiteLink], cfg: OrchestratorConfig, observer: StepObserver, count: Counter, step: int
     ) -> None:
         self.links, self.cfg, self.observer, self.count, self.step = links, cfg, observer, count, step
+        self.late: dict[str, Pending] = {}
+        self.seconds: dict[str, float] = {}
 
-    def _send(self, link: SiteLink, part: torch.Tensor, modalities: tuple[str, ...]) -> grpc.Future:
+    def _send(self, link: SiteLink, part: torch.Tensor, modalities: tuple[str, ...]) -> Pending:
         work = StepWork(
             link.batch_id,
             part,
@@ -153,15 +200,20 @@ class StepExchange:
         )
         req = wire.step_request_to_proto(work, codec.Codec.parse(self.cfg.image_codec))
         self.count(link, "sent", req, [req.fakes])
-        return link.stub.Step.future(req, timeout=self.cfg.step_deadline_s)
+        return link.transport.call("Step", req, self.cfg.step_deadline_s)
 
-    def _receive(self, link: SiteLink, part: torch.Tensor, fut: grpc.Future, seconds: float) -> StepAnswer | Dropped:
+    def _receive(self, link: SiteLink, part: torch.Tensor, fut: Pending, start: float) -> StepAnswer | Dropped:
+        deadline = link.deadline(self.cfg)
         try:
-            reply = fut.result()
+            reply = fut.result(timeout=max(0.0, start + deadline - time.perf_counter()))
+        except _TIMEOUTS:
+            self.observer.on_rpc(link.name, "Step", time.perf_counter() - start, "DEADLINE_EXCEEDED")
+            self.late[link.name] = fut
+            return Dropped("deadline", f"no answer within {deadline:.1f} s")
         except grpc.RpcError as e:
-            self.observer.on_rpc(link.name, "Step", seconds, e.code().name)
+            self.observer.on_rpc(link.name, "Step", self.seconds.get(link.name, 0.0), e.code().name)
             return _dropped(e)
-        self.observer.on_rpc(link.name, "Step", seconds, "OK")
+        self.observer.on_rpc(link.name, "Step", self.seconds[link.name], "OK")
         self.count(link, "received", reply, [reply.grad, reply.next.labels])
         assert link.info is not None
         try:
@@ -170,20 +222,23 @@ class StepExchange:
             return Dropped("bad_reply", str(e))
 
     def __call__(self, parts: list[torch.Tensor], modalities: tuple[str, ...]) -> list[StepAnswer | Dropped]:
-        finished: dict[str, float] = {}  # per-site completion time, whatever order we read them in
         sent = []
         for link, part in zip(self.links, parts, strict=True):
+            start = time.perf_counter()
             fut = self._send(link, part, modalities)
-            fut.add_done_callback(lambda _f, name=link.name: finished.setdefault(name, time.perf_counter()))
-            sent.append((time.perf_counter(), fut))
+            # per-site completion time, whatever order we read them in
+            fut.add_done_callback(lambda _f, n=link.name, t=start: self.seconds.setdefault(n, time.perf_counter() - t))
+            sent.append((start, fut))
         return [
-            self._receive(link, part, fut, finished.get(link.name, time.perf_counter()) - start)
+            self._receive(link, part, fut, start)
             for link, part, (start, fut) in zip(self.links, parts, sent, strict=True)
         ]
 
 
 class Orchestrator:
-    """Owns the site links; :meth:`step` runs one AsynDGAN generator step over the network."""
+    """Owns the site links; :meth:`wait_for_quorum` brings the first sites in, :meth:`step` runs one AsynDGAN
+    generator step over the network. A site that is not in (not up yet, dropped, late) is brought (back) in by
+    a background probe and takes part from the next step on; no step waits for it."""
 
     def __init__(
         self,
@@ -196,16 +251,19 @@ class Orchestrator:
         self.links = list(links)
         self.cfg = cfg
         self.observer: StepObserver = observer or NullObserver()
+        self.geometry: Geometry | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     # -- calls ---------------------------------------------------------------------------------------
 
-    def _call(self, link: SiteLink, method: str, fn: Callable[[], T], retries: int | None = None) -> T:
-        """One unary call; retries only UNAVAILABLE, with exponential backoff and jitter."""
+    def _call(self, link: SiteLink, method: str, request: Message, timeout: float, retries: int | None = None) -> Any:
+        """One call; retries only UNAVAILABLE, with exponential backoff and jitter."""
         retries = self.cfg.retries if retries is None else retries
         for attempt in range(retries + 1):
             start = time.perf_counter()
             try:
-                result = fn()
+                result = link.transport.call(method, request, timeout).result()
             except grpc.RpcError as e:
                 self.observer.on_rpc(link.name, method, time.perf_counter() - start, e.code().name)
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
@@ -227,37 +285,145 @@ class Orchestrator:
             link.payload_received += payload
         self.observer.on_bytes(link.name, direction, wire_bytes, payload)
 
-    def connect(self) -> tuple[int, int, int, tuple[str, ...]]:
-        """Describe every site (all must answer) and check they can train one generator."""
-        for link in self.links:
-            try:
-                reply = self._call(
-                    link,
-                    "Describe",
-                    lambda lk=link: lk.stub.Describe(  # type: ignore[misc]
-                        wire.describe_request_to_proto(), timeout=self.cfg.connect_deadline_s, wait_for_ready=True
-                    ),
-                )
-            except grpc.RpcError as e:
-                raise ConnectionError(f"site {link.name} at {link.address}: {e.code().name}") from e
-            link.info = info = wire.site_info_from_proto(reply)
-            link.epsilon_spent = info.privacy.epsilon_spent
-            link.finished = info.privacy.exhausted
-            log.info(
-                "site %s: %d samples, modalities %s, %dx%d, %d classes, privacy %s",
-                link.name,
-                info.num_samples,
-                list(info.modalities),
-                info.height,
-                info.width,
-                info.num_classes,
-                info.privacy.mode if info.privacy.guarded else "NONE (unguarded: its gradients leak its images)",
+    def _admit(self, link: SiteLink, reply: Any) -> None:
+        """Take a site's Describe answer (checked against the generator, once it exists)."""
+        info = wire.site_info_from_proto(reply)
+        if self.geometry is not None:
+            check_joins(self.geometry, info)
+        link.info = info
+        link.epsilon_spent = info.privacy.epsilon_spent
+        link.finished = info.privacy.exhausted
+        log.info(
+            "site %s (%s): %d samples, modalities %s, %dx%d, %d classes, privacy %s",
+            link.name,
+            link.address,
+            info.num_samples,
+            list(info.modalities),
+            info.height,
+            info.width,
+            info.num_classes,
+            info.privacy.mode if info.privacy.guarded else "NONE (unguarded: its gradients leak its images)",
+        )
+
+    def _note(self, link: SiteLink, problem: str) -> None:
+        if problem != link.waiting:  # one line per change, not one per retry
+            log.warning("site %s: %s", link.name, problem)
+            link.waiting = problem
+
+    # -- bringing sites in ---------------------------------------------------------------------------
+
+    def wait_for_quorum(
+        self, min_sites: int = 0, stop: threading.Event | None = None, timeout: float | None = None
+    ) -> Geometry | None:
+        """Describe sites until ``min_sites`` (0 = all) have answered, then check they fit one generator and
+        fetch their first batches. Says per site what it waits for. None if ``stop`` was set first;
+        ConnectionError after ``timeout`` seconds."""
+        need = min(min_sites or len(self.links), len(self.links))
+        stop = stop or threading.Event()
+        give_up = None if timeout is None else time.monotonic() + timeout
+        delay = self.cfg.backoff_s
+        while True:
+            missing = [link for link in self.links if link.info is None]
+            calls = [(lk, lk.transport.call("Describe", wire.describe_request_to_proto(), self.cfg.connect_deadline_s))
+                     for lk in missing]  # fmt: skip
+            for link, fut in calls:
+                try:
+                    self._admit(link, fut.result())
+                    link.waiting = ""
+                except grpc.RpcError as e:
+                    self._note(link, link.transport.explain(e))
+            ready = [link for link in self.links if link.info is not None]
+            if len(ready) >= need:
+                break
+            waits = "; ".join(f"{lk.name}: {lk.waiting}" for lk in self.links if lk.info is None)
+            if give_up is not None and time.monotonic() > give_up:
+                raise ConnectionError(f"{len(ready)} of the {need} sites needed answered ({waits})")
+            if stop.wait(delay * (0.5 + random.random())):
+                return None
+            delay = min(delay * 2, self.cfg.max_backoff_s)
+        geometry = check_compatible([link.info for link in ready if link.info is not None])
+        self.geometry = self.geometry or geometry  # a resumed generator keeps its own (sites were checked)
+        log.info("quorum: %d of %d sites in (%s)", len(ready), len(self.links), ", ".join(lk.name for lk in ready))
+        for link in ready:
+            self._first_batch(link)
+        return self.geometry
+
+    def _first_batch(self, link: SiteLink) -> None:
+        try:
+            reply = self._call(
+                link, "NextBatch", wire.batch_request_to_proto(self.cfg.label_codec), self.cfg.step_deadline_s
             )
-        return check_compatible([link.info for link in self.links if link.info is not None])
+            self._take(link, reply)
+        except (grpc.RpcError, codec.CodecError) as e:
+            self._note(link, str(e))
+            self._recover(link)
+            return
+        with self._lock:
+            pending, link.pending = link.pending, None
+        assert pending is not None
+        link.batch_id, link.labels = pending
+        link.active = True
+
+    def _take(self, link: SiteLink, reply: Any) -> None:
+        """A NextBatch answer: the site's batch, taken at the next step."""
+        self._count(link, "received", reply, [reply.labels])
+        assert link.info is not None
+        batch = wire.batch_from_proto(reply, link.info)
+        with self._lock:
+            link.pending = batch
+
+    def _recover(self, link: SiteLink, late: Pending | None = None) -> None:
+        """Bring ``link`` (back) in, in the background (at most one probe per site)."""
+        with self._lock:
+            if link.recovering or link.finished or self._closed.is_set():
+                return
+            link.recovering = True
+        threading.Thread(target=self._probe, args=(link, late), name=f"probe-{link.name}", daemon=True).start()
+
+    def _late_answer(self, link: SiteLink, late: Pending) -> bool:
+        """A late Step answer carries the site's next batch: it is back (its gradient is stale and unused)."""
+        try:
+            reply = late.result(timeout=self.cfg.step_deadline_s)
+            self._count(link, "received", reply, [reply.grad, reply.next.labels])
+            link.epsilon_spent = reply.epsilon_spent
+            self._take(link, reply.next)
+        except (grpc.RpcError, codec.CodecError, *_TIMEOUTS, CancelledError, grpc.FutureCancelledError):
+            return False
+        return True
+
+    def _probe(self, link: SiteLink, late: Pending | None) -> None:
+        try:
+            if late is not None and self._late_answer(link, late):
+                return
+            delay = self.cfg.backoff_s
+            request = wire.batch_request_to_proto(self.cfg.label_codec)
+            while not self._closed.is_set():
+                try:
+                    if link.info is None:
+                        self._admit(
+                            link,
+                            self._call(
+                                link, "Describe", wire.describe_request_to_proto(), self.cfg.connect_deadline_s, 0
+                            ),
+                        )
+                    self._take(link, self._call(link, "NextBatch", request, self.cfg.step_deadline_s, 0))
+                    return
+                except grpc.RpcError as e:
+                    if _dropped(e).reason == "finished":
+                        link.finished = True
+                        return
+                    self._note(link, link.transport.explain(e))
+                except (codec.CodecError, IncompatibleSites) as e:
+                    self._note(link, str(e))
+                self._closed.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.cfg.max_backoff_s)
+        finally:
+            with self._lock:
+                link.recovering = False
 
     # -- bookkeeping: the one place that decides who is in and who is left out ----------------------
 
-    def _settle(self, link: SiteLink, result: StepAnswer | Dropped) -> None:
+    def _settle(self, link: SiteLink, result: StepAnswer | Dropped, late: Pending | None = None) -> None:
         if isinstance(result, StepAnswer):
             link.contributed += 1
             link.batch_id, link.labels = result.next_batch_id, result.next_labels
@@ -275,31 +441,22 @@ class Orchestrator:
         link.dropped += 1
         link.last_error = f"{result.reason}: {result.detail}"[:300]
         self.observer.on_drop(link.name, result.reason)
+        self._recover(link, late)
 
     def _ensure_batch(self, link: SiteLink) -> None:
+        """Take the batch a probe brought back; never calls the site (no step waits for a site that is out)."""
         if link.labels is not None or link.finished:
             return
-        req = wire.batch_request_to_proto(self.cfg.label_codec)
-        try:
-            # A site that is down gets one try per step, so it does not slow the others down.
-            reply = self._call(
-                link,
-                "NextBatch",
-                lambda: link.stub.NextBatch(req, timeout=self.cfg.step_deadline_s),
-                retries=self.cfg.retries if link.active else 0,
-            )
-            self._count(link, "received", reply, [reply.labels])
-            assert link.info is not None
-            link.batch_id, link.labels = wire.batch_from_proto(reply, link.info)
-        except grpc.RpcError as e:
-            self._settle(link, _dropped(e))
+        with self._lock:
+            pending, link.pending = link.pending, None
+        if pending is None:
+            self._recover(link)
             return
-        except codec.CodecError as e:
-            self._settle(link, Dropped("bad_reply", str(e)))
-            return
+        link.batch_id, link.labels = pending
         if not link.active:
             log.info("site %s is (back) in", link.name)
         link.active = True
+        link.waiting = ""
 
     # -- one step ------------------------------------------------------------------------------------
 
@@ -312,25 +469,32 @@ class Orchestrator:
             raise SitesFinished("every site has spent its privacy budget")
         links = [link for link in self.links if link.labels is not None]
         if not links:
-            raise ConnectionError("no site is reachable")
+            waits = "; ".join(f"{lk.name}: {lk.waiting or lk.last_error or 'coming back'}" for lk in self.links)
+            raise ConnectionError(f"no site is ready ({waits})")
         exchange = StepExchange(links, self.cfg, self.observer, self._count, gen.steps)
         sizes = [link.info.num_samples if link.info else 0 for link in links]
         labels = [link.labels for link in links if link.labels is not None]
         outcome = gen.step(labels, sizes, lambda parts: exchange(parts, gen.modalities))
         for link, result in zip(links, outcome.results, strict=True):
-            self._settle(link, result)
+            if isinstance(result, StepAnswer):
+                link.latencies.append(exchange.seconds.get(link.name, 0.0))
+            self._settle(link, result, exchange.late.get(link.name))
         return outcome
 
     def checkpoint_sites(self) -> None:
-        """Ask every active site to checkpoint its own state (best effort)."""
-        for link in self.links:
-            if not link.active:
-                continue
+        """Ask every active site to checkpoint its own state (best effort; each waited for up to its deadline)."""
+        request = wire.checkpoint_request_to_proto()
+        calls = [(lk, time.perf_counter(), lk.transport.call("Checkpoint", request, self.cfg.step_deadline_s))
+                 for lk in self.links if lk.active]  # fmt: skip
+        for link, start, fut in calls:
             try:
-                link.stub.Checkpoint(wire.checkpoint_request_to_proto(), timeout=self.cfg.step_deadline_s)
+                fut.result(timeout=max(0.0, start + link.deadline(self.cfg) - time.perf_counter()))
+            except _TIMEOUTS:
+                log.warning("site %s did not checkpoint within its deadline", link.name)
             except grpc.RpcError as e:
                 log.warning("site %s did not checkpoint: %s", link.name, e.code().name)
 
     def close(self) -> None:
+        self._closed.set()
         for link in self.links:
-            link.channel.close()
+            link.transport.close()

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from asyndgan import codec
 from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
 from asyndgan.data import SiteData, load_site
+from asyndgan.errors import FailedPrecondition
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint, write_bytes_atomic, write_json_atomic
 from asyndgan.local import evaluate_heldout, sample_rows
 from asyndgan.messages import TrainingState
@@ -25,8 +26,12 @@ from asyndgan.nets import NetConfig
 from asyndgan.observer import FanoutObserver, StepObserver
 from asyndgan.report import Progress, samples_png, steady_seconds
 from asyndgan.rpc import Server, TlsConfig, make_server
-from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink, SitesFinished
+from asyndgan.services.generator.federation import FederationServicer
+from asyndgan.services.generator.orchestrator import Geometry, Orchestrator, OrchestratorConfig, SiteLink, SitesFinished
 from asyndgan.services.generator.servicer import GeneratorServicer
+from asyndgan.services.generator.transport import JoinedSite
+from asyndgan.v1 import federation_pb2 as fpb
+from asyndgan.v1 import federation_pb2_grpc as fpb_grpc
 from asyndgan.v1 import generator_pb2 as gpb
 from asyndgan.v1 import generator_pb2_grpc as gpb_grpc
 
@@ -40,7 +45,7 @@ RETRY_IDLE_S = 2.0
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    sites: tuple[tuple[str, str], ...]  # (name, HOST:PORT)
+    sites: tuple[tuple[str, str | None], ...]  # (name, HOST:PORT of a dial-in site, or None: the site dials out)
     iterations: int
     checkpoint_dir: Path
     listen: str = "127.0.0.1:0"
@@ -58,10 +63,17 @@ class GeneratorConfig:
     max_grad_norm: float = 1e3  # a site gradient with a larger L2 norm is left out of the step
     device: str = "cpu"
     eval_samples: int = 64
+    min_sites: int = 0  # sites needed to start training (0 = all); later sites join at the next step
+    quorum_timeout_s: float | None = None  # give up waiting for the quorum (None: wait until stopped)
 
     def validate(self) -> None:
         if not self.sites:
-            raise ValueError("at least one --site NAME=HOST:PORT is needed")
+            raise ValueError("at least one --site NAME=HOST:PORT (or --site NAME for a dial-out site) is needed")
+        names = [name for name, _ in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be unique: {names}")
+        if not 0 <= self.min_sites <= len(self.sites):
+            raise ValueError(f"--min-sites must be between 0 (all) and {len(self.sites)}")
         if self.iterations < 0 or self.checkpoint_every < 1:
             raise ValueError("iterations must be >= 0 and checkpoint_every >= 1")
         if self.allowed_clients and self.tls is None:
@@ -73,15 +85,16 @@ class GeneratorConfig:
 
 
 class GeneratorService:
-    """The running generator: G, the site links and the gRPC server. Build it with :meth:`start`; then
-    :meth:`train`, and :meth:`stop` at the end."""
+    """The running generator: G, the site links and the gRPC server (Generator and Federation services).
+    Build it with :meth:`start`; then :meth:`train`, and :meth:`stop` at the end."""
 
     server: Server  # set by start(), once the service exists for its Status
 
-    def __init__(self, cfg: GeneratorConfig, orch: Orchestrator, gen: GeneratorTrainer, shape: tuple[int, int]) -> None:
-        self.cfg, self.orch, self.gen = cfg, orch, gen
-        self.height, self.width = shape
-        self.heldout: SiteData | None = load_site(cfg.heldout, size=self.height) if cfg.heldout else None
+    def __init__(self, cfg: GeneratorConfig, orch: Orchestrator) -> None:
+        self.cfg, self.orch = cfg, orch
+        self._gen: GeneratorTrainer | None = None
+        self.height = self.width = 0
+        self.heldout: SiteData | None = None
         self.training = False
         self.generator_loss = math.nan
         self.step_seconds: list[float] = []
@@ -92,66 +105,102 @@ class GeneratorService:
         cfg: GeneratorConfig,
         observer: StepObserver | None = None,
         registry: CollectorRegistry | None = None,
+        stop: threading.Event | None = None,
     ) -> GeneratorService:
-        """Dial and describe the sites, build G (resuming from its checkpoint with ``cfg.resume``), load the
-        held-out set, start serving. With ``registry``, training and gRPC server metrics are registered on it."""
+        """Serve (health, Status, Synthesize, the join port for dial-out sites), then wait for the quorum of
+        sites (``cfg.min_sites``), build G (resuming from its checkpoint with ``cfg.resume``; a resumed G serves
+        Synthesize while the sites come in) and load the held-out set. Returns without G (:attr:`ready` false)
+        if ``stop`` is set first. With ``registry``, training and gRPC server metrics are registered on it."""
         cfg.validate()
         interceptors: tuple[grpc.ServerInterceptor, ...] = ()
         if registry is not None:
             metrics = GeneratorMetrics(registry, [name for name, _ in cfg.sites])
             observer = FanoutObserver(observer, metrics) if observer is not None else metrics
-            interceptors = (GrpcServerMetrics(registry, [gpb.DESCRIPTOR.services_by_name["Generator"]]),)
-        orch = Orchestrator(
-            [SiteLink.dial(name, addr, cfg.tls) for name, addr in cfg.sites], cfg.orchestrator, observer
-        )
-        height, width, num_classes, modalities = orch.connect()
-        gen = GeneratorTrainer(
-            cfg.net,
-            cfg.train,
-            num_classes=num_classes,
-            modalities=modalities,
-            seed=cfg.seed,
-            image_size=min(height, width),
-            device=cfg.device,
-            max_grad_norm=cfg.max_grad_norm,
-        )
+            services = [gpb.DESCRIPTOR.services_by_name["Generator"], fpb.DESCRIPTOR.services_by_name["Federation"]]
+            interceptors = (GrpcServerMetrics(registry, services),)
+        links = [SiteLink.dial(name, addr, cfg.tls) if addr else SiteLink.joined(name) for name, addr in cfg.sites]
+        service = cls(cfg, Orchestrator(links, cfg.orchestrator, observer))
+        joined = {lk.name: lk.transport for lk in links if isinstance(lk.transport, JoinedSite)}
         ckpt = cfg.checkpoint_dir / CHECKPOINT_FILE
         remove_stale_temp(ckpt)
-        if cfg.resume and ckpt.exists():
-            gen.load_state_dict(load_checkpoint(ckpt))
-            log.info("resumed generator at step %d", gen.steps)
-        service = cls(cfg, orch, gen, (height, width))
+        state = load_checkpoint(ckpt) if cfg.resume and ckpt.exists() else None
+        if state is not None and "height" in state:
+            service._build((state["height"], state["width"], state["num_classes"], tuple(state["modalities"])), state)
+
+        def register(server: grpc.Server) -> None:
+            gpb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(service), server)
+            fpb_grpc.add_FederationServicer_to_server(FederationServicer(joined, cfg.tls is not None), server)
+
         service.server = make_server(
             cfg.listen,
-            lambda s: gpb_grpc.add_GeneratorServicer_to_server(
-                GeneratorServicer(gen, height, width, service.status), s
-            ),
+            register,
             [gpb.DESCRIPTOR.services_by_name["Generator"].full_name],
             tls=cfg.tls,
             allowed_clients=cfg.allowed_clients,
             interceptors=interceptors,
+            workers=8 + len(joined),  # a Join stream holds a worker for its lifetime
+            open_services=[fpb.DESCRIPTOR.services_by_name["Federation"].full_name],
         )
         if cfg.port_file:
             write_bytes_atomic(cfg.port_file, str(service.server.port).encode())
         service.server.set_serving(True)
-        log.info("generator serving on port %d; modalities %s", service.server.port, list(modalities))
+        log.info("generator serving on port %d (join port for dial-out sites: the same)", service.server.port)
+        try:
+            geometry = service.orch.wait_for_quorum(cfg.min_sites, stop, cfg.quorum_timeout_s)
+            if geometry is not None and service._gen is None:
+                service._build(geometry, state)
+        except BaseException:
+            service.stop(grace=0)
+            raise
         return service
+
+    def _build(self, geometry: Geometry, state: dict[str, Any] | None) -> None:
+        height, width, num_classes, modalities = geometry
+        gen = GeneratorTrainer(
+            self.cfg.net,
+            self.cfg.train,
+            num_classes=num_classes,
+            modalities=modalities,
+            seed=self.cfg.seed,
+            image_size=min(height, width),
+            device=self.cfg.device,
+            max_grad_norm=self.cfg.max_grad_norm,
+        )
+        if state is not None:
+            gen.load_state_dict(state)
+            log.info("resumed generator at step %d", gen.steps)
+        self.height, self.width = height, width
+        self.heldout = load_site(self.cfg.heldout, size=height) if self.cfg.heldout else None
+        self.orch.geometry = geometry
+        self._gen = gen
+        log.info("generator built: %dx%d, %d classes, modalities %s", height, width, num_classes, list(modalities))
+
+    @property
+    def ready(self) -> bool:
+        """G exists (the quorum was in, or a checkpoint was resumed)."""
+        return self._gen is not None
+
+    @property
+    def gen(self) -> GeneratorTrainer:
+        if self._gen is None:
+            raise FailedPrecondition("the generator is still waiting for its sites: no model yet")
+        return self._gen
 
     @property
     def modalities(self) -> tuple[str, ...]:
         return self.gen.modalities
 
     def status(self) -> TrainingState:
-        links = self.orch.links
+        links, gen = self.orch.links, self._gen
         return TrainingState(
-            step=self.gen.steps,
+            step=gen.steps if gen else 0,
             target_steps=self.cfg.iterations,
             training=self.training,
             sites=[lk.state() for lk in links],
-            modalities=self.gen.modalities,
+            modalities=gen.modalities if gen else (),
             height=self.height,
             width=self.width,
-            num_classes=self.gen.num_classes,
+            num_classes=gen.num_classes if gen else 0,
             generator_loss=self.generator_loss,
             wire_bytes_sent=sum(lk.wire_sent for lk in links),
             wire_bytes_received=sum(lk.wire_received for lk in links),
@@ -159,7 +208,8 @@ class GeneratorService:
 
     def checkpoint(self) -> None:
         """Generator state here, and each site's state at that site, at the same step."""
-        save_checkpoint(self.cfg.checkpoint_dir / CHECKPOINT_FILE, self.gen.state_dict())
+        state = {**self.gen.state_dict(), "height": self.height, "width": self.width}
+        save_checkpoint(self.cfg.checkpoint_dir / CHECKPOINT_FILE, state)
         self.orch.checkpoint_sites()
         log.info("checkpoint at step %d", self.gen.steps)
 

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from asyndgan import wire
-from asyndgan.algorithm import GeneratorTrainer
 from asyndgan.errors import FailedPrecondition
-from asyndgan.messages import TrainingState
 from asyndgan.rpc import status_code_for, translate_errors
 from asyndgan.v1 import generator_pb2 as pb
 from asyndgan.v1 import generator_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from asyndgan.services.generator.service import GeneratorService
 
 __all__ = ["GeneratorServicer"]
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
-    def __init__(self, gen: GeneratorTrainer, height: int, width: int, status: Callable[[], TrainingState]) -> None:
-        self.gen = gen
-        self.height, self.width = height, width
-        self.status = status
+    def __init__(self, service: GeneratorService) -> None:
+        self.service = service
 
     def _synthesize(self, request: pb.SynthesizeRequest) -> pb.SyntheticBatch:
-        labels, out_codec = wire.synthesize_request_from_proto(request, self.height, self.width, self.gen.num_classes)
-        images = self.gen.synthesize(labels)  # waits for the training step that holds G, if any
-        return wire.synthetic_batch_to_proto(images, self.gen.modalities, out_codec)
+        gen, svc = self.service.gen, self.service  # FAILED_PRECONDITION while there is no model yet
+        labels, out_codec = wire.synthesize_request_from_proto(request, svc.height, svc.width, gen.num_classes)
+        images = gen.synthesize(labels)  # waits for the training step that holds G, if any
+        return wire.synthetic_batch_to_proto(images, gen.modalities, out_codec)
 
     def Synthesize(
         self, request_iterator: Iterator[pb.SynthesizeRequest], context: grpc.ServicerContext
@@ -39,4 +40,4 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     @translate_errors
     def Status(self, request: pb.GeneratorStatusRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
-        return wire.training_status_to_proto(self.status())
+        return wire.training_status_to_proto(self.service.status())

@@ -214,7 +214,8 @@ def test_one_bad_site_cannot_poison_g(tmp_path: Path, value: float) -> None:
         svc.train()
         bad = next(s for s in svc.status().sites if s.site_id == "site-1")
         good = next(s for s in svc.status().sites if s.site_id == "site-0")
-        assert bad.steps_dropped == 3 and bad.steps_contributed == 0 and bad.last_error.startswith("bad_gradient")
+        # Each of its answers is refused; it is probed back in the background between refusals.
+        assert bad.steps_dropped >= 1 and bad.steps_contributed == 0 and bad.last_error.startswith("bad_gradient")
         assert good.steps_contributed == 3 and svc.gen.steps == 3
         assert all(bool(torch.isfinite(p).all()) for p in svc.gen.G.parameters())
     finally:

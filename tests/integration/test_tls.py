@@ -10,7 +10,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from asyndgan.certs import init_ca, issue
 from asyndgan.metrics import GrpcServerMetrics
 from asyndgan.rpc import Server, TlsConfig, make_channel
 from asyndgan.services.discriminator.service import DiscriminatorConfig
@@ -23,17 +22,6 @@ from tests.integration.cluster import generator_config, start_sites, stop_sites
 
 def tls_for(directory: Path, name: str) -> TlsConfig:
     return TlsConfig(directory / f"{name}.pem", directory / f"{name}.key", directory / "ca.pem")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    good, other = tmp_path_factory.mktemp("ca"), tmp_path_factory.mktemp("other-ca")
-    init_ca(good)
-    init_ca(other)
-    for name in ("site-0", "site-1", "generator"):
-        issue(good, name)
-    issue(other, "generator")
-    return good, other
 
 
 def describe(port: int, tls: TlsConfig | None, name: str = "site-0") -> pb.SiteInfo:
@@ -82,9 +70,10 @@ def test_site_with_another_sites_certificate_is_refused(tmp_path: Path, pki: tup
             describe(sites[0][1].port, tls_for(good, "generator"), name="site-0")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         cfg = generator_config(
-            sites, tmp_path, 1, tls=tls_for(good, "generator"), orchestrator={"connect_deadline_s": 3.0}
-        )
-        with pytest.raises(ConnectionError, match="site-0"):
+            sites, tmp_path, 1, tls=tls_for(good, "generator"), orchestrator={"connect_deadline_s": 3.0},
+            quorum_timeout_s=3.0,
+        )  # fmt: skip
+        with pytest.raises(ConnectionError, match="site-0: TLS name mismatch"):
             GeneratorService.start(cfg)
     finally:
         stop_sites(sites)
