@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from asyndgan.data.loaders import NiftiLayout
+    from asyndgan.services.generator.service import GeneratorConfig
 
 log = logging.getLogger("asyndgan")
 
@@ -85,7 +86,8 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
     cfg = DiscriminatorConfig(
         site_id=a.site_id,
         data=a.data,
-        listen=a.listen or "127.0.0.1:50061",
+        # ASYNDGAN_LISTEN (the image sets it) is only the dial-in default: --connect overrides it.
+        listen=a.listen or env("listen") or "127.0.0.1:50061",
         connect=a.connect,
         server_name=a.server_name,
         checkpoint_dir=Path(a.checkpoint_dir) if a.checkpoint_dir else None,
@@ -119,13 +121,12 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generator(a: argparse.Namespace) -> int:
-    from asyndgan.rpc import stop_event_on_signals, wait_for
+def generator_config(a: argparse.Namespace) -> GeneratorConfig:
     from asyndgan.services.generator.orchestrator import OrchestratorConfig
-    from asyndgan.services.generator.service import GeneratorConfig, GeneratorService
+    from asyndgan.services.generator.service import GeneratorConfig
 
     codec_name = a.codec or None
-    cfg = GeneratorConfig(
+    return GeneratorConfig(
         sites=tuple(a.site),
         iterations=a.iterations,
         checkpoint_dir=Path(a.checkpoint_dir),
@@ -149,6 +150,13 @@ def cmd_generator(a: argparse.Namespace) -> int:
         device=a.device,
         min_sites=a.min_sites,
     )
+
+
+def cmd_generator(a: argparse.Namespace) -> int:
+    from asyndgan.rpc import stop_event_on_signals, wait_for
+    from asyndgan.services.generator.service import GeneratorService
+
+    cfg = generator_config(a)
     stop = stop_event_on_signals()
     registry, metrics_http = start_metrics(a, "generator")
     service = GeneratorService.start(cfg, registry=registry, stop=stop)
@@ -312,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=env("data") is None, default=env("data"), help="site data spec (see docs/data.md)"
     )
     p.add_argument(
-        "--listen", default=env("listen"), help="HOST:PORT to serve on (port 0 = any; default 127.0.0.1:50061)"
+        "--listen",
+        help="HOST:PORT to serve on (port 0 = any; default $ASYNDGAN_LISTEN, else 127.0.0.1:50061)",
     )
     p.add_argument(
         "--connect",

@@ -6,9 +6,12 @@
 #
 # 1. the chart's copy of the Grafana dashboard equals deploy/grafana/asyndgan.json (Helm cannot read outside the chart)
 # 2. hadolint on deploy/docker/Dockerfile
-# 3. helm lint --strict with each deploy/k8s/examples/*.yaml (values.schema.json applies)
+# 3. helm lint --strict with each deploy/k8s/examples/*.yaml (values.schema.json applies), plus dial-out variants
+#    of hospital-c (metrics off; generator by IP without DNS)
 # 4. helm template per example -> kubernetes-validate --strict against the oldest supported and the newest schemas
-# 5. cross-reference checks on the rendered manifests, and the container args parsed by the real asyndgan CLI
+# 5. cross-reference checks on the rendered manifests (a dial-out release: no gRPC port or Service, NetworkPolicy
+#    with metrics-only ingress and egress to the generator + DNS only), and the container args parsed by the real
+#    asyndgan CLI
 # 6. values that must be refused are refused; helm package works
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +54,23 @@ for ex in "${examples[@]}"; do
     "$HELM" lint --strict --quiet "$CHART" -f "$ex" >"$OUT/lint-$name.txt" 2>&1 || { cat "$OUT/lint-$name.txt" >&2; die "helm lint $ex"; }
     "$HELM" template "$name" "$CHART" -f "$ex" --namespace "asyndgan-$name" >"$OUT/$name.yaml"
 done
-log "helm lint --strict + helm template: ${#examples[@]} examples"
+# Dial-out variants (hospital-c.yaml is the dial-out example): without metrics (no Service, no probes, no ingress
+# at all), and with the generator given by IP address (no DNS egress).
+hc=deploy/k8s/examples/hospital-c.yaml
+variants=(
+    "dialout-nometrics --set metrics.enabled=false"
+    "dialout-ip-nodns --set discriminator.generatorAddress=203.0.113.20:443 --set discriminator.networkPolicy.dnsTo=null"
+)
+for v in "${variants[@]}"; do
+    read -r name args <<<"$v"
+    # shellcheck disable=SC2086
+    "$HELM" lint --strict --quiet "$CHART" -f "$hc" $args >"$OUT/lint-$name.txt" 2>&1 || { cat "$OUT/lint-$name.txt" >&2; die "helm lint $name"; }
+    # shellcheck disable=SC2086
+    "$HELM" template "$name" "$CHART" -f "$hc" $args --namespace "asyndgan-$name" >"$OUT/$name.yaml"
+done
+grep -q 'kind: Service$' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a Service"
+grep -q 'port: 53$' "$OUT/dialout-ip-nodns.yaml" && die "dialout-ip-nodns allows DNS egress"
+log "helm lint --strict + helm template: ${#examples[@]} examples, ${#variants[@]} dial-out variants"
 for v in $KUBE_VERSIONS; do
     "$KV" --strict -k "$v" "$OUT"/*.yaml >"$OUT/kv-$v.txt" 2>&1 || { cat "$OUT/kv-$v.txt" >&2; die "kubernetes-validate $v"; }
     # A resource without a schema is only a warning for kubernetes-validate; here only the known CRDs may lack one.
@@ -94,6 +113,23 @@ refuse "grpc probe on a TLS port" "plaintext only" "${d[@]}" --set tls.enabled=t
     --set probes.mode=grpc
 refuse "allow-list entry with a space" "/tls/allowedClients/0" "${d[@]}" --set 'tls.allowedClients[0]=a b'
 refuse "Kubernetes older than 1.27" "kubeVersion" "${d[@]}" --kube-version 1.26.0
+o=("${d[@]}" --set discriminator.mode=dial-out --set discriminator.generatorAddress=gen.example.org:50051)
+"$HELM" template ok "$CHART" "${o[@]}" >/dev/null || die "minimal dial-out values refused"
+refuse "unknown transport mode" "/discriminator/mode" "${d[@]}" --set discriminator.mode=dial-up
+refuse "dial-out without generatorAddress" "/discriminator/generatorAddress" "${d[@]}" --set discriminator.mode=dial-out
+refuse "generatorAddress without port" "/discriminator/generatorAddress" "${o[@]}" \
+    --set discriminator.generatorAddress=gen.example.org
+refuse "generatorAddress with mode dial-in" "mode is dial-in" "${d[@]}" \
+    --set discriminator.generatorAddress=gen.example.org:50051
+refuse "dial-out with a gRPC probe" "nothing listens on a gRPC port" "${o[@]}" --set probes.mode=grpc
+refuse "dial-out with an exec probe" "nothing listens on a gRPC port" "${o[@]}" --set probes.mode=exec
+refuse "dial-out behind a LoadBalancer" "opens no port" "${o[@]}" --set service.type=LoadBalancer
+refuse "dial-out NetworkPolicy without the generator" "give egressTo and/or egressCIDRs" "${o[@]}" \
+    --set discriminator.networkPolicy.egressTo=null
+refuse "dial-out egress peer of unknown shape" "/discriminator/networkPolicy/egressTo/0" "${o[@]}" \
+    --set 'discriminator.networkPolicy.egressTo[0].cidr=10.0.0.0/8'
+refuse "minSites above the number of sites" "minSites=2 but only 1 site" --set role=generator \
+    --set 'generator.sites[0].name=a' --set generator.minSites=2
 log "$refused invalid value sets refused, each for its reason"
 "$HELM" package "$CHART" -d "$OUT" >/dev/null
 log "helm package: $(cd "$OUT" && ls ./*.tgz | xargs -n1 basename)"

@@ -2,9 +2,14 @@
 
 check_rendered.py manifests OUT.json RENDERED.yaml...   (needs PyYAML: the tools venv)
     cross-references inside each release (selectors, ports, volumes, probes vs TLS, NetworkPolicy, ServiceMonitor,
-    dashboard) and writes each Deployment's container args to OUT.json
+    dashboard) and writes each Deployment's container args to OUT.json. A dial-out discriminator (--connect) must
+    open no gRPC port anywhere (no --listen, no grpc containerPort, no Service port, no grpc probe), and its
+    NetworkPolicy must admit no ingress but metrics and allow egress only to the generator's port and DNS.
+    The releases given must include a dial-in and a dial-out discriminator and a generator with both kinds of site.
 check_rendered.py cli-args OUT.json                     (needs asyndgan: the project venv)
-    parses those args with the real `asyndgan` argument parser, so the chart cannot drift from the CLI
+    parses those args with the real `asyndgan` argument parser, so the chart cannot drift from the CLI, under the
+    environment the container gets (the image's ASYNDGAN_* ENV from deploy/docker/Dockerfile, then the pod's env):
+    flags also read ASYNDGAN_<FLAG>, e.g. the image's ASYNDGAN_LISTEN would make a dial-out site listen
 """
 
 from __future__ import annotations
@@ -25,6 +30,33 @@ class Problems(list[str]):
 
 def subset(small: dict[str, str], big: dict[str, str]) -> bool:
     return all(big.get(k) == v for k, v in small.items())
+
+
+def check_dial_out_policy(
+    name: str, np: dict[str, Any], generator_port: int, metrics: bool, problems: Problems
+) -> None:
+    """Dial-out NetworkPolicy: ingress only to the metrics port; egress only TCP to the generator's port (to named
+    peers) and port 53 (DNS, to named peers)."""
+    spec = np["spec"]
+    problems.check(
+        {"Ingress", "Egress"} <= set(spec.get("policyTypes", [])), name, "dial-out NetworkPolicy: Ingress+Egress"
+    )
+    for rule in spec.get("ingress", []):
+        ports = rule.get("ports", [])
+        problems.check(
+            metrics and ports == [{"port": "metrics", "protocol": "TCP"}] and rule.get("from"),
+            name,
+            f"dial-out NetworkPolicy admits more than metrics scraping: {rule}",
+        )
+    egress = spec.get("egress", [])
+    to_generator = [r for r in egress if r.get("ports") == [{"port": generator_port, "protocol": "TCP"}]]
+    problems.check(len(to_generator) == 1, name, f"dial-out NetworkPolicy: one egress rule to TCP {generator_port}")
+    for rule in egress:
+        problems.check(rule.get("to"), name, f"dial-out egress rule without peers (= anywhere): {rule}")
+        ports = rule.get("ports", [])
+        problems.check(ports, name, f"dial-out egress rule without ports (= any port): {rule}")
+        dns = all(p.get("port") == 53 and p.get("protocol") in ("UDP", "TCP") for p in ports)
+        problems.check(rule in to_generator or dns, name, f"dial-out egress other than the generator and DNS: {rule}")
 
 
 def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> list[dict[str, Any]]:
@@ -61,10 +93,17 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
         tmp = mounts.get("/tmp")
         problems.check(tmp and "emptyDir" in volumes.get(tmp["name"], {}), where, "/tmp must be an emptyDir")
         args: list[str] = container.get("args", [])
-        flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in args if a.startswith("--"))
+        flags = dict(a[2:].partition("=")[::2] for a in args if a.startswith("--"))
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        dial_out = "connect" in flags
         listen_port = int(flags.get("listen", ":0").rsplit(":", 1)[1])
-        problems.check(ports.get("grpc") == listen_port, where, f"grpc port {ports.get('grpc')} != --listen")
+        if dial_out:
+            problems.check(role == "discriminator", where, "--connect on a generator")
+            problems.check("listen" not in flags, where, "dial-out with --listen")
+            problems.check("grpc" not in ports, where, "dial-out pod declares a grpc containerPort")
+            problems.check("allow-client" not in flags, where, "dial-out serves nothing: --allow-client is moot")
+        else:
+            problems.check(ports.get("grpc") == listen_port, where, f"grpc port {ports.get('grpc')} != --listen")
         if "metrics-port" in flags:
             problems.check(ports.get("metrics") == int(flags["metrics-port"]), where, "metrics port != --metrics-port")
             problems.check(flags.get("metrics-host") not in (None, "127.0.0.1", "localhost"), where, "metrics on lo")
@@ -77,6 +116,11 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
             problems.check(all(str(t).startswith(TLS_DIR + "/") for t in tls), where, "TLS files outside the mount")
         for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
             probe = container.get(kind)
+            if dial_out:
+                # Nothing listens on gRPC: HTTP /metrics on the metrics port, or no probe when metrics are off.
+                want = {"path": "/metrics", "port": "metrics"} if "metrics" in ports else None
+                problems.check((probe or {}).get("httpGet") == want, where, f"dial-out {kind}: {probe}")
+                continue
             problems.check(probe, where, f"no {kind}")
             if not probe:
                 continue
@@ -90,6 +134,14 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
                     problems.check(not v or f"--tls-{f}={v}" in cmd, where, f"{kind} exec probe lacks --tls-{f}")
             else:
                 problems.check("tcpSocket" in probe, where, f"{kind}: unknown action")
+        if role == "generator":
+            sites = [a[len("--site=") :] for a in args if a.startswith("--site=")]
+            problems.check(sites, where, "generator without --site")
+            kinds = {"dial-in" if "=" in v else "dial-out" for v in sites}
+            min_sites = int(flags.get("min-sites", "0"))
+            problems.check(0 <= min_sites <= len(sites), where, f"--min-sites={min_sites} with {len(sites)} sites")
+        else:
+            kinds = {"dial-out" if dial_out else "dial-in"}
         if role == "discriminator":
             data = mounts.get("/data")
             if data:
@@ -99,16 +151,35 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
             if claim.endswith("-checkpoints"):
                 pvcs = [p["metadata"]["name"] for p in by_kind.get("PersistentVolumeClaim", [])]
                 problems.check(claim in pvcs, where, f"PVC {claim} not rendered")
-        out.append({"release": name, "role": role, "args": args})
+        env = {e["name"]: e.get("value", "") for e in container.get("env", []) if "valueFrom" not in e}
+        out.append({"release": name, "role": role, "args": args, "env": env, "kinds": sorted(kinds)})
 
         # Service, NetworkPolicy, ServiceMonitor, dashboard
         services = by_kind.get("Service", [])
-        problems.check(len(services) == 1, name, "expected one Service")
+        if dial_out:
+            # No gRPC Service; a headless metrics-only Service when metrics are on, else none.
+            problems.check(len(services) == (1 if "metrics" in ports else 0), name, "dial-out: metrics Service only")
+            for svc in services:
+                sp_names = [sp["name"] for sp in svc["spec"]["ports"]]
+                problems.check(sp_names == ["metrics"], name, f"dial-out Service exposes {sp_names}")
+                problems.check(svc["spec"].get("clusterIP") == "None", name, "dial-out metrics Service not headless")
+                problems.check(svc["spec"].get("type", "ClusterIP") == "ClusterIP", name, "dial-out Service type")
+        else:
+            problems.check(len(services) == 1, name, "expected one Service")
         for svc in services:
             problems.check(subset(svc["spec"]["selector"], labels), name, "Service selector does not match the pod")
             for sp in svc["spec"]["ports"]:
                 problems.check(sp["targetPort"] in ports, name, f"Service targetPort {sp['targetPort']} not a port")
-        if role == "discriminator":
+        if role == "discriminator" and dial_out:
+            nps = by_kind.get("NetworkPolicy", [])
+            problems.check(nps, name, "discriminator without NetworkPolicy")
+            generator_port = int(flags["connect"].rsplit(":", 1)[1])
+            for np in nps:
+                sel = np["spec"]["podSelector"].get("matchLabels", {})
+                problems.check(sel and subset(sel, labels), name, "NetworkPolicy does not select the pod")
+                # the examples' generator port is the one in --connect (egressPort unset)
+                check_dial_out_policy(name, np, generator_port, "metrics" in ports, problems)
+        elif role == "discriminator":
             nps = by_kind.get("NetworkPolicy", [])
             problems.check(nps, name, "discriminator without NetworkPolicy")
             for np in nps:
@@ -121,6 +192,9 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
                 ]
                 problems.check(len(grpc_rules) == 1 and grpc_rules[0].get("from"), name, "grpc ingress rule with peers")
         for sm in by_kind.get("ServiceMonitor", []):
+            problems.check(services, name, "ServiceMonitor without a Service")
+            if not services:
+                continue
             problems.check(
                 subset(sm["spec"]["selector"]["matchLabels"], services[0]["metadata"]["labels"]),
                 name,
@@ -147,6 +221,11 @@ def cmd_manifests(out_path: str, files: list[str]) -> int:
     for f in files:
         docs = [d for d in yaml.safe_load_all(Path(f).read_text()) if d]
         results += check_release(Path(f).stem, docs, problems)
+    # Coverage: the checks above only mean something if both transport modes were rendered.
+    seen = {(r["role"], k) for r in results for k in r["kinds"]}
+    for want in [("discriminator", "dial-in"), ("discriminator", "dial-out"), ("generator", "dial-in"),
+                 ("generator", "dial-out")]:  # fmt: skip
+        problems.check(want in seen, "coverage", f"no rendered {want[0]} with a {want[1]} site")
     Path(out_path).write_text(json.dumps(results, indent=1))
     for p in problems:
         print(f"check_rendered: {p}", file=sys.stderr)
@@ -154,16 +233,54 @@ def cmd_manifests(out_path: str, files: list[str]) -> int:
     return 1 if problems else 0
 
 
+DOCKERFILE = Path(__file__).resolve().parents[1] / "docker" / "Dockerfile"
+
+
+def image_env(dockerfile: Path = DOCKERFILE) -> dict[str, dict[str, str]]:
+    """ASYNDGAN_* variables each image target sets with ENV (stages inherit from the one they are FROM)."""
+    import shlex
+
+    stages: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    text = dockerfile.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].upper() == "FROM":
+            current = dict(stages.get(words[1], {}))
+            if len(words) >= 4 and words[2].upper() == "AS":
+                stages[words[3]] = current
+        elif words and words[0].upper() == "ENV":
+            for kv in shlex.split(line.split(None, 1)[1]):
+                k, _, v = kv.partition("=")
+                if k.startswith("ASYNDGAN_"):
+                    current[k] = v
+    return stages
+
+
 def cmd_cli_args(path: str) -> int:
+    import os
+    from unittest import mock
+
     from asyndgan.cli import build_parser
 
+    images = image_env()
     bad = 0
     for item in json.loads(Path(path).read_text()):
-        try:
-            build_parser().parse_args([item["role"], *item["args"]])
-        except SystemExit:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNDGAN_")}
+        env |= images.get(item["role"], {}) | item.get("env", {})
+        problem = ""
+        with mock.patch.dict(os.environ, env, clear=True):
+            try:
+                a = build_parser().parse_args([item["role"], *item["args"]])
+            except SystemExit:
+                problem = "rejects"
+            else:  # the CLI's own check after parsing (cmd_discriminator)
+                if item["role"] == "discriminator" and a.connect and a.listen:
+                    problem = f"refuses --connect with a listen address ({a.listen!r}; ASYNDGAN_LISTEN?)"
+        if problem:
             print(
-                f"check_rendered: {item['release']}: `asyndgan {item['role']}` rejects {item['args']}", file=sys.stderr
+                f"check_rendered: {item['release']}: `asyndgan {item['role']}` {problem}: {item['args']}",
+                file=sys.stderr,
             )
             bad += 1
     print(f"check_rendered: container args accepted by the asyndgan CLI ({bad} rejected)")

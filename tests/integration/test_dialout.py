@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -188,3 +189,41 @@ def test_tls_join_needs_a_certificate_naming_the_site(tmp_path: Path, pki: tuple
         svc.stop(grace=0)
     finally:
         stop_dial_out(sites)
+
+
+def test_waiting_says_per_site_what_to_check(tmp_path: Path, pki: tuple[Path, Path]) -> None:
+    """Connection refused, no answer (packets dropped), TLS name mismatch and a rejected certificate each give
+    their own message, per site."""
+    good, other = pki
+    silent = socket.socket()  # accepts TCP connections and never speaks: a firewall that drops, seen from here
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+    fast = {"orchestrator": {"connect_deadline_s": 2.0}, "quorum_timeout_s": 3.0}
+    cfg = replace(
+        generator_config([], tmp_path, 1, **fast),
+        sites=(
+            ("refused", f"127.0.0.1:{closed.getsockname()[1]}"),
+            ("dropped", f"127.0.0.1:{silent.getsockname()[1]}"),
+        ),
+    )
+    with pytest.raises(ConnectionError) as err:
+        GeneratorService.start(cfg)
+    assert "refused: connection refused" in str(err.value)
+    assert "dropped: no answer from" in str(err.value)
+
+    sites = start_sites(2, tmp_path, tls=tls_for(good, "site-1"))  # site-0's address serves site-1's certificate
+    try:
+        cfg = generator_config(sites, tmp_path, 1, tls=tls_for(other, "generator"), **fast)  # a CA the sites reject
+        with pytest.raises(ConnectionError) as err:
+            GeneratorService.start(cfg)
+        assert "site-1: TLS handshake with" in str(err.value)
+        cfg = generator_config(sites, tmp_path, 1, tls=tls_for(good, "generator"), **fast)
+        with pytest.raises(ConnectionError) as err:
+            GeneratorService.start(cfg)
+        assert "site-0: TLS name mismatch" in str(err.value) and "site-1" not in str(err.value)
+    finally:
+        stop_sites(sites)
+        silent.close()
+        closed.close()

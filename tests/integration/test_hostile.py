@@ -148,7 +148,9 @@ def test_malformed_messages_are_refused_and_services_survive(services: tuple[int
     gen = gpb_grpc.GeneratorStub(gen_ch)
     grpc.channel_ready_future(site_ch).result(timeout=30)
     # Wait until the generator finished its one training step (the site is then idle and consistent).
-    while gen.Status(gpb.GeneratorStatusRequest(), timeout=30).training:
+    deadline = time.monotonic() + 120
+    while (s := gen.Status(gpb.GeneratorStatusRequest(), timeout=30)).training or s.step < 1:
+        assert time.monotonic() < deadline, "the generator did not train its step"
         time.sleep(0.2)
 
     def valid_round() -> None:

@@ -27,6 +27,37 @@
 {{- if eq (include "asyndgan.role" .) "generator" }}true{{ end }}
 {{- end }}
 
+{{/* "true" for a dial-out discriminator: it opens no gRPC port and connects to discriminator.generatorAddress. */}}
+{{- define "asyndgan.dialOut" -}}
+{{- if not (include "asyndgan.isGenerator" .) }}
+{{- $d := .Values.discriminator }}
+{{- $mode := $d.mode | default "dial-in" }}
+{{- if eq $mode "dial-out" }}
+{{- if not $d.generatorAddress }}
+{{- fail "discriminator.mode=dial-out needs discriminator.generatorAddress (the generator's HOST:PORT)" }}
+{{- end }}
+{{- if not (regexMatch "^.+:[0-9]+$" $d.generatorAddress) }}
+{{- fail (printf "discriminator.generatorAddress %q is not HOST:PORT" $d.generatorAddress) }}
+{{- end }}
+{{- if ne .Values.service.type "ClusterIP" }}
+{{- fail (printf "discriminator.mode=dial-out opens no port: service.type %s would expose nothing but metrics (keep ClusterIP)" .Values.service.type) }}
+{{- end }}
+true
+{{- else if ne $mode "dial-in" }}
+{{- fail (printf "discriminator.mode must be dial-in or dial-out, not %q" $mode) }}
+{{- else if $d.generatorAddress }}
+{{- fail "discriminator.generatorAddress is set but discriminator.mode is dial-in: set mode: dial-out (or drop the address)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The generator's port as seen by a dial-out pod's egress rule: networkPolicy.egressPort or generatorAddress's. */}}
+{{- define "asyndgan.egressPort" -}}
+{{- $np := .Values.discriminator.networkPolicy }}
+{{- if $np.egressPort }}{{ $np.egressPort }}
+{{- else }}{{ regexFind "[0-9]+$" .Values.discriminator.generatorAddress }}{{ end }}
+{{- end }}
+
 {{- define "asyndgan.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "asyndgan.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -80,10 +111,16 @@ asyndgan.io/site: {{ required "discriminator.siteId is required for role=discrim
 {{- end }}
 {{- end }}
 
-{{/* Probes: kubelet's native grpc probe is plaintext only; with mutual TLS use the in-image exec check. */}}
+{{/* Probes: kubelet's native grpc probe is plaintext only; with mutual TLS use the in-image exec check.
+     Dial-out: nothing listens on a gRPC port; an HTTP GET of /metrics when metrics are on, else no probes ("none"). */}}
 {{- define "asyndgan.probeMode" -}}
 {{- $mode := .Values.probes.mode | default "auto" }}
-{{- if eq $mode "auto" }}{{ if .Values.tls.enabled }}exec{{ else }}grpc{{ end }}
+{{- if include "asyndgan.dialOut" . }}
+{{- if ne $mode "auto" }}
+{{- fail (printf "probes.mode=%s with discriminator.mode=dial-out: nothing listens on a gRPC port (use auto: HTTP /metrics, or none without metrics)" $mode) }}
+{{- end }}
+{{- if .Values.metrics.enabled }}http{{ else }}none{{ end }}
+{{- else if eq $mode "auto" }}{{ if .Values.tls.enabled }}exec{{ else }}grpc{{ end }}
 {{- else if and (eq $mode "grpc") .Values.tls.enabled }}
 {{- fail "probes.mode=grpc with tls.enabled: the kubelet's grpc probe speaks plaintext only (use auto, exec or tcp)" }}
 {{- else if has $mode (list "grpc" "exec" "tcp") }}{{ $mode }}
@@ -93,7 +130,11 @@ asyndgan.io/site: {{ required "discriminator.siteId is required for role=discrim
 {{- define "asyndgan.probeAction" -}}
 {{- $mode := include "asyndgan.probeMode" . }}
 {{- $port := include "asyndgan.grpcPort" . | int }}
-{{- if eq $mode "grpc" }}
+{{- if eq $mode "http" }}
+httpGet:
+  path: /metrics
+  port: metrics
+{{- else if eq $mode "grpc" }}
 grpc:
   port: {{ $port }}
 {{- else if eq $mode "exec" }}
