@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 CLI = [sys.executable, "-m", "asyndgan.cli"]
 
 
-def _wait(pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+def _wait(pred: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -161,8 +161,8 @@ def measure(mode: str, size: int, ngf: int, deadline: float, warmup: int, window
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", action="append", choices=["dial-in", "dial-out"], help="repeat; default both")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--ngf", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--ngf", type=int, default=32)
     p.add_argument("--deadline", type=float, default=60.0, help="--deadline of the generator (the maximum)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--window", type=int, default=40, help="steps per rate measurement")
