@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from asyndgan.data import SiteData
 from asyndgan.errors import SiteStepError
-from asyndgan.messages import LossTerm, StepAnswer
+from asyndgan.messages import LossTerm, StepAnswer, TrainingSettings
 from asyndgan.nets import NetConfig, build_discriminator, build_generator, gan_loss, one_hot
 
 __all__ = [
@@ -278,6 +278,13 @@ class SiteTrainer:
             o.load_state_dict(state["optimizers"][m])
         self.sampler.load_state_dict(state["sampler"])
         self.steps = int(state["steps"])
+
+
+def training_settings(net: NetConfig, train: TrainConfig) -> TrainingSettings:
+    """What a site reports (Describe) and the generator requires of every site."""
+    return TrainingSettings(
+        net.gan_mode, train.lambda_l1, train.lambda_g, train.lr_d, net.discriminator, net.ndf, net.norm
+    )
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ __all__ = [
     "SiteStatus",
     "StepAnswer",
     "StepWork",
+    "TrainingSettings",
     "TrainingState",
 ]
 
@@ -48,6 +49,19 @@ class PrivacyState:
 
 
 @dataclass(frozen=True)
+class TrainingSettings:
+    """The settings that shape a site's returned gradient; one federation uses one set."""
+
+    gan_mode: str
+    lambda_l1: float
+    lambda_gan: float
+    lr_d: float
+    discriminator_net: str
+    ndf: int
+    norm: str
+
+
+@dataclass(frozen=True)
 class SiteDescription:
     """What a site tells the generator about itself (Describe)."""
 
@@ -60,6 +74,7 @@ class SiteDescription:
     batch_size: int
     version: str = __version__
     privacy: PrivacyState = field(default_factory=PrivacyState)
+    settings: TrainingSettings | None = None  # None: the site did not report them
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from asyndgan.messages import (
     SiteStatus,
     StepAnswer,
     StepWork,
+    TrainingSettings,
     TrainingState,
 )
 from asyndgan.v1 import discriminator_pb2 as dpb
@@ -50,6 +51,8 @@ __all__ = [
     "losses_to_proto",
     "privacy_from_proto",
     "privacy_to_proto",
+    "settings_from_proto",
+    "settings_to_proto",
     "site_info_from_proto",
     "site_info_to_proto",
     "site_message_from_proto",
@@ -119,6 +122,7 @@ def site_info_to_proto(d: SiteDescription) -> dpb.SiteInfo:
         batch_size=d.batch_size,
         version=d.version,
         privacy=privacy_to_proto(d.privacy),
+        settings=settings_to_proto(d.settings) if d.settings else None,
     )
 
 
@@ -133,7 +137,24 @@ def site_info_from_proto(m: dpb.SiteInfo) -> SiteDescription:
         batch_size=m.batch_size,
         version=m.version,
         privacy=privacy_from_proto(m.privacy),
+        settings=settings_from_proto(m.settings) if m.HasField("settings") else None,
     )
+
+
+def settings_to_proto(t: TrainingSettings) -> dpb.TrainingSettings:
+    return dpb.TrainingSettings(
+        gan_mode=t.gan_mode,
+        lambda_l1=t.lambda_l1,
+        lambda_gan=t.lambda_gan,
+        lr_d=t.lr_d,
+        discriminator_net=t.discriminator_net,
+        ndf=t.ndf,
+        norm=t.norm,
+    )
+
+
+def settings_from_proto(m: dpb.TrainingSettings) -> TrainingSettings:
+    return TrainingSettings(m.gan_mode, m.lambda_l1, m.lambda_gan, m.lr_d, m.discriminator_net, m.ndf, m.norm)
 
 
 def site_status_to_proto(s: SiteStatus) -> dpb.SiteStatus:

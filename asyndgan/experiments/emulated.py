@@ -46,7 +46,7 @@ class EmulatedSite(pb_grpc.DiscriminatorServicer):
         self.steps = 0
         self.lock = threading.Lock()
         h, w = pool.shape[1:]
-        self.description = SiteDescription(site_id, len(pool), ("t1",), h, w, num_classes, batch, version="emulated")
+        self.description = SiteDescription(site_id, len(pool), ("t1",), h, w, num_classes, batch)
         rng = np.random.default_rng(seed)
         self.label_batches = [
             torch.from_numpy(np.ascontiguousarray(pool[rng.integers(0, len(pool), batch)]))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from asyndgan.v1 import tensor_pb2 as asyndgan_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61syndgan/v1/discriminator.proto\x12\x0b\x61syndgan.v1\x1a\x18\x61syndgan/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xc4\x01\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t\x12%\n\x07privacy\x18\t \x01(\x0b\x32\x14.asyndgan.v1.Privacy\"h\n\x07Privacy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0e\x65psilon_budget\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x11\n\texhausted\x18\x05 \x01(\x08\"#\n\x0c\x42\x61tchRequest\x12\x13\n\x0blabel_codec\x18\x01 \x01(\t\"G\n\x0e\x43onditionBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\"\x8e\x01\n\x0bStepRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\"\n\x05\x66\x61kes\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x12\n\ngrad_codec\x18\x04 \x01(\t\x12\x13\n\x0blabel_codec\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x04\"F\n\x04Loss\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\"\xa5\x01\n\tStepReply\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x04grad\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12!\n\x06losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12)\n\x04next\x18\x04 \x01(\x0b\x32\x1b.asyndgan.v1.ConditionBatch\x12\x15\n\repsilon_spent\x18\x05 \x01(\x01\"\x13\n\x11\x43heckpointRequest\".\n\x0f\x43heckpointReply\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x8c\x01\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12&\n\x0blast_losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12%\n\x07privacy\x18\x05 \x01(\x0b\x32\x14.asyndgan.v1.Privacy2\xda\x02\n\rDiscriminator\x12?\n\x08\x44\x65scribe\x12\x1c.asyndgan.v1.DescribeRequest\x1a\x15.asyndgan.v1.SiteInfo\x12\x43\n\tNextBatch\x12\x19.asyndgan.v1.BatchRequest\x1a\x1b.asyndgan.v1.ConditionBatch\x12\x38\n\x04Step\x12\x18.asyndgan.v1.StepRequest\x1a\x16.asyndgan.v1.StepReply\x12J\n\nCheckpoint\x12\x1e.asyndgan.v1.CheckpointRequest\x1a\x1c.asyndgan.v1.CheckpointReply\x12=\n\x06Status\x12\x1a.asyndgan.v1.StatusRequest\x1a\x17.asyndgan.v1.SiteStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61syndgan/v1/discriminator.proto\x12\x0b\x61syndgan.v1\x1a\x18\x61syndgan/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xf5\x01\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t\x12%\n\x07privacy\x18\t \x01(\x0b\x32\x14.asyndgan.v1.Privacy\x12/\n\x08settings\x18\n \x01(\x0b\x32\x1d.asyndgan.v1.TrainingSettings\"\x8f\x01\n\x10TrainingSettings\x12\x10\n\x08gan_mode\x18\x01 \x01(\t\x12\x11\n\tlambda_l1\x18\x02 \x01(\x01\x12\x12\n\nlambda_gan\x18\x03 \x01(\x01\x12\x0c\n\x04lr_d\x18\x04 \x01(\x01\x12\x19\n\x11\x64iscriminator_net\x18\x05 \x01(\t\x12\x0b\n\x03ndf\x18\x06 \x01(\r\x12\x0c\n\x04norm\x18\x07 \x01(\t\"h\n\x07Privacy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0e\x65psilon_budget\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x11\n\texhausted\x18\x05 \x01(\x08\"#\n\x0c\x42\x61tchRequest\x12\x13\n\x0blabel_codec\x18\x01 \x01(\t\"G\n\x0e\x43onditionBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\"\x8e\x01\n\x0bStepRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\"\n\x05\x66\x61kes\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x12\n\ngrad_codec\x18\x04 \x01(\t\x12\x13\n\x0blabel_codec\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x04\"F\n\x04Loss\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\"\xa5\x01\n\tStepReply\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x04grad\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12!\n\x06losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12)\n\x04next\x18\x04 \x01(\x0b\x32\x1b.asyndgan.v1.ConditionBatch\x12\x15\n\repsilon_spent\x18\x05 \x01(\x01\"\x13\n\x11\x43heckpointRequest\".\n\x0f\x43heckpointReply\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x8c\x01\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12&\n\x0blast_losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12%\n\x07privacy\x18\x05 \x01(\x0b\x32\x14.asyndgan.v1.Privacy2\xda\x02\n\rDiscriminator\x12?\n\x08\x44\x65scribe\x12\x1c.asyndgan.v1.DescribeRequest\x1a\x15.asyndgan.v1.SiteInfo\x12\x43\n\tNextBatch\x12\x19.asyndgan.v1.BatchRequest\x1a\x1b.asyndgan.v1.ConditionBatch\x12\x38\n\x04Step\x12\x18.asyndgan.v1.StepRequest\x1a\x16.asyndgan.v1.StepReply\x12J\n\nCheckpoint\x12\x1e.asyndgan.v1.CheckpointRequest\x1a\x1c.asyndgan.v1.CheckpointReply\x12=\n\x06Status\x12\x1a.asyndgan.v1.StatusRequest\x1a\x17.asyndgan.v1.SiteStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=74
   _globals['_DESCRIBEREQUEST']._serialized_end=91
   _globals['_SITEINFO']._serialized_start=94
-  _globals['_SITEINFO']._serialized_end=290
-  _globals['_PRIVACY']._serialized_start=292
-  _globals['_PRIVACY']._serialized_end=396
-  _globals['_BATCHREQUEST']._serialized_start=398
-  _globals['_BATCHREQUEST']._serialized_end=433
-  _globals['_CONDITIONBATCH']._serialized_start=435
-  _globals['_CONDITIONBATCH']._serialized_end=506
-  _globals['_STEPREQUEST']._serialized_start=509
-  _globals['_STEPREQUEST']._serialized_end=651
-  _globals['_LOSS']._serialized_start=653
-  _globals['_LOSS']._serialized_end=723
-  _globals['_STEPREPLY']._serialized_start=726
-  _globals['_STEPREPLY']._serialized_end=891
-  _globals['_CHECKPOINTREQUEST']._serialized_start=893
-  _globals['_CHECKPOINTREQUEST']._serialized_end=912
-  _globals['_CHECKPOINTREPLY']._serialized_start=914
-  _globals['_CHECKPOINTREPLY']._serialized_end=960
-  _globals['_STATUSREQUEST']._serialized_start=962
-  _globals['_STATUSREQUEST']._serialized_end=977
-  _globals['_SITESTATUS']._serialized_start=980
-  _globals['_SITESTATUS']._serialized_end=1120
-  _globals['_DISCRIMINATOR']._serialized_start=1123
-  _globals['_DISCRIMINATOR']._serialized_end=1469
+  _globals['_SITEINFO']._serialized_end=339
+  _globals['_TRAININGSETTINGS']._serialized_start=342
+  _globals['_TRAININGSETTINGS']._serialized_end=485
+  _globals['_PRIVACY']._serialized_start=487
+  _globals['_PRIVACY']._serialized_end=591
+  _globals['_BATCHREQUEST']._serialized_start=593
+  _globals['_BATCHREQUEST']._serialized_end=628
+  _globals['_CONDITIONBATCH']._serialized_start=630
+  _globals['_CONDITIONBATCH']._serialized_end=701
+  _globals['_STEPREQUEST']._serialized_start=704
+  _globals['_STEPREQUEST']._serialized_end=846
+  _globals['_LOSS']._serialized_start=848
+  _globals['_LOSS']._serialized_end=918
+  _globals['_STEPREPLY']._serialized_start=921
+  _globals['_STEPREPLY']._serialized_end=1086
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1088
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1107
+  _globals['_CHECKPOINTREPLY']._serialized_start=1109
+  _globals['_CHECKPOINTREPLY']._serialized_end=1155
+  _globals['_STATUSREQUEST']._serialized_start=1157
+  _globals['_STATUSREQUEST']._serialized_end=1172
+  _globals['_SITESTATUS']._serialized_start=1175
+  _globals['_SITESTATUS']._serialized_end=1315
+  _globals['_DISCRIMINATOR']._serialized_start=1318
+  _globals['_DISCRIMINATOR']._serialized_end=1664
 # @@protoc_insertion_point(module_scope)

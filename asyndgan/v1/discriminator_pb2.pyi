@@ -47,6 +47,7 @@ class SiteInfo(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     num_samples: _builtins.int
     height: _builtins.int
@@ -65,6 +66,12 @@ class SiteInfo(_message.Message):
         or "none" (paper-faithful, unguarded: the gradients are an oracle for the real images).
         """
 
+    @_builtins.property
+    def settings(self) -> Global___TrainingSettings:
+        """The settings that shape the gradient the site returns; the generator refuses a site whose settings
+        differ from its own (they must be the same in every release of one federation).
+        """
+
     def __init__(
         self,
         *,
@@ -77,14 +84,57 @@ class SiteInfo(_message.Message):
         batch_size: _builtins.int = ...,
         version: _builtins.str = ...,
         privacy: Global___Privacy | None = ...,
+        settings: Global___TrainingSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "height", b"height", "modalities", b"modalities", "num_classes", b"num_classes", "num_samples", b"num_samples", "privacy", b"privacy", "site_id", b"site_id", "version", b"version", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "height", b"height", "modalities", b"modalities", "num_classes", b"num_classes", "num_samples", b"num_samples", "privacy", b"privacy", "settings", b"settings", "site_id", b"site_id", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SiteInfo: _TypeAlias = SiteInfo  # noqa: Y015
+
+@_typing.final
+class TrainingSettings(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GAN_MODE_FIELD_NUMBER: _builtins.int
+    LAMBDA_L1_FIELD_NUMBER: _builtins.int
+    LAMBDA_GAN_FIELD_NUMBER: _builtins.int
+    LR_D_FIELD_NUMBER: _builtins.int
+    DISCRIMINATOR_NET_FIELD_NUMBER: _builtins.int
+    NDF_FIELD_NUMBER: _builtins.int
+    NORM_FIELD_NUMBER: _builtins.int
+    gan_mode: _builtins.str
+    """"vanilla" or "lsgan" """
+    lambda_l1: _builtins.float
+    """weight of L1 against the real image in G's loss"""
+    lambda_gan: _builtins.float
+    """weight of the adversarial term in G's loss"""
+    lr_d: _builtins.float
+    """the discriminator's learning rate"""
+    discriminator_net: _builtins.str
+    """e.g. "patchgan_3" """
+    ndf: _builtins.int
+    norm: _builtins.str
+    def __init__(
+        self,
+        *,
+        gan_mode: _builtins.str = ...,
+        lambda_l1: _builtins.float = ...,
+        lambda_gan: _builtins.float = ...,
+        lr_d: _builtins.float = ...,
+        discriminator_net: _builtins.str = ...,
+        ndf: _builtins.int = ...,
+        norm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discriminator_net", b"discriminator_net", "gan_mode", b"gan_mode", "lambda_gan", b"lambda_gan", "lambda_l1", b"lambda_l1", "lr_d", b"lr_d", "ndf", b"ndf", "norm", b"norm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainingSettings: _TypeAlias = TrainingSettings  # noqa: Y015
 
 @_typing.final
 class Privacy(_message.Message):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from asyndgan.algorithm import Batch, SiteTrainer, TrainConfig
+from asyndgan.algorithm import Batch, SiteTrainer, TrainConfig, training_settings
 from asyndgan.data import SiteData
 from asyndgan.errors import FailedPrecondition
 from asyndgan.guard import LEDGER_FILE, PrivacyConfig, PrivacyGuard
@@ -70,11 +70,12 @@ class Site:
         self._pre_batch_state: dict[str, Any] | None = None
         _, h, w = data.labels.shape
         self._geometry = (len(data), tuple(data.modalities), h, w, data.num_classes, batch_size)
+        self.settings = training_settings(net, train)
 
     @property
     def description(self) -> SiteDescription:
         n, modalities, h, w, k, b = self._geometry
-        return SiteDescription(self.site_id, n, modalities, h, w, k, b, privacy=self.privacy())
+        return SiteDescription(self.site_id, n, modalities, h, w, k, b, privacy=self.privacy(), settings=self.settings)
 
     def privacy(self) -> PrivacyState:
         return self.guard.state() if self.guard is not None else PrivacyState()

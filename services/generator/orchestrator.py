@@ -28,10 +28,10 @@ import grpc
 import torch
 from google.protobuf.message import Message
 
-from asyndgan import codec, wire
+from asyndgan import __version__, codec, wire
 from asyndgan.algorithm import Dropped, GeneratorTrainer, StepOutcome
 from asyndgan.errors import BUDGET_EXHAUSTED_PREFIX, IncompatibleSites
-from asyndgan.messages import LossTerm, SiteDescription, SiteState, StepAnswer, StepWork
+from asyndgan.messages import LossTerm, SiteDescription, SiteState, StepAnswer, StepWork, TrainingSettings
 from asyndgan.observer import NullObserver, StepObserver
 from asyndgan.rpc import TlsConfig
 from asyndgan.services.generator.transport import DialedSite, JoinedSite, Pending, SiteTransport
@@ -45,6 +45,8 @@ __all__ = [
     "StepExchange",
     "check_compatible",
     "check_joins",
+    "check_settings",
+    "compatible_versions",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,35 @@ def check_joins(geometry: Geometry, info: SiteDescription) -> None:
         raise IncompatibleSites(f"site {info.site_id} holds modalities {extra} the generator does not produce")
 
 
+def compatible_versions(ours: str, theirs: str) -> bool:
+    """Same major version; while the major is 0, the same minor too (0.1.x talks to 0.1.y, not to 0.2.z)."""
+    try:
+        a, b = (tuple(int(x) for x in v.split(".")[:2]) for v in (ours, theirs))
+    except ValueError:
+        return False
+    return a[0] == b[0] and (a[0] > 0 or a[1] == b[1])
+
+
+def check_settings(expected: TrainingSettings | None, info: SiteDescription) -> None:
+    """The site runs a compatible version with the generator's training settings, or IncompatibleSites."""
+    if not compatible_versions(__version__, info.version):
+        raise IncompatibleSites(
+            f"site {info.site_id} runs asyndgan {info.version or '(unknown)'}, the generator {__version__}: "
+            "upgrade so both share the major version (and, before 1.0, the minor)"
+        )
+    if expected is None:
+        return
+    if info.settings is None:
+        raise IncompatibleSites(f"site {info.site_id} reports no training settings")
+    for name in expected.__dataclass_fields__:
+        ours, theirs = getattr(expected, name), getattr(info.settings, name)
+        if ours != theirs:
+            raise IncompatibleSites(
+                f"site {info.site_id} trains with {name} = {theirs}, the generator with {ours}: give every "
+                "release the same model flags"
+            )
+
+
 def _dropped(e: grpc.RpcError) -> Dropped:
     code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(BUDGET_EXHAUSTED_PREFIX):
@@ -245,11 +276,14 @@ class Orchestrator:
         links: Sequence[SiteLink],
         cfg: OrchestratorConfig,
         observer: StepObserver | None = None,
+        settings: TrainingSettings | None = None,
     ) -> None:
+        """``settings``: the training settings every site must report (None: not checked)."""
         if len({link.name for link in links}) != len(links):
             raise ValueError("site names must be unique")
         self.links = list(links)
         self.cfg = cfg
+        self.settings = settings
         self.observer: StepObserver = observer or NullObserver()
         self.geometry: Geometry | None = None
         self._lock = threading.Lock()
@@ -288,6 +322,7 @@ class Orchestrator:
     def _admit(self, link: SiteLink, reply: Any) -> None:
         """Take a site's Describe answer (checked against the generator, once it exists)."""
         info = wire.site_info_from_proto(reply)
+        check_settings(self.settings, info)
         if self.geometry is not None:
             check_joins(self.geometry, info)
         link.info = info

@@ -15,7 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from asyndgan import codec
-from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
+from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig, training_settings
 from asyndgan.data import SiteData, load_site
 from asyndgan.errors import FailedPrecondition
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint, write_bytes_atomic, write_json_atomic
@@ -119,7 +119,8 @@ class GeneratorService:
             services = [gpb.DESCRIPTOR.services_by_name["Generator"], fpb.DESCRIPTOR.services_by_name["Federation"]]
             interceptors = (GrpcServerMetrics(registry, services),)
         links = [SiteLink.dial(name, addr, cfg.tls) if addr else SiteLink.joined(name) for name, addr in cfg.sites]
-        service = cls(cfg, Orchestrator(links, cfg.orchestrator, observer))
+        orch = Orchestrator(links, cfg.orchestrator, observer, training_settings(cfg.net, cfg.train))
+        service = cls(cfg, orch)
         joined = {lk.name: lk.transport for lk in links if isinstance(lk.transport, JoinedSite)}
         ckpt = cfg.checkpoint_dir / CHECKPOINT_FILE
         remove_stale_temp(ckpt)

@@ -16,7 +16,9 @@ import torch
 
 from asyndgan import codec
 from asyndgan.data import load_site
+from asyndgan.errors import IncompatibleSites
 from asyndgan.local import LocalRun, train_local
+from asyndgan.services.generator.orchestrator import compatible_versions
 from asyndgan.services.generator.service import GeneratorService
 from tests.integration.cluster import BATCH, NET, SIZE, TRAIN, generator_config, site_spec, start_sites, stop_sites
 
@@ -221,3 +223,27 @@ def test_one_bad_site_cannot_poison_g(tmp_path: Path, value: float) -> None:
     finally:
         svc.stop(grace=0)
         stop_sites(sites)
+
+
+def test_sites_with_other_training_settings_are_refused(tmp_path: Path) -> None:
+    """A site whose settings shape its gradient differently (here lambda_L1) is named with the setting."""
+    sites = start_sites(2, tmp_path)
+    other = start_sites(1, tmp_path / "other", train=replace(TRAIN, lambda_l1=10.0))
+    try:
+        cfg = generator_config(sites + other, tmp_path, 1)
+        cfg = replace(cfg, sites=(*cfg.sites[:2], ("odd", cfg.sites[2][1])))
+        with pytest.raises(
+            IncompatibleSites, match=r"site site-0 trains with lambda_l1 = 10.0, the generator with 100.0"
+        ):
+            GeneratorService.start(cfg)
+    finally:
+        stop_sites(sites + other)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ok"),
+    [("0.1.0", True), ("0.1.7", True), ("0.2.0", False), ("1.1.0", False), ("", False), ("emulated", False)],
+)
+def test_version_rule(theirs: str, ok: bool) -> None:
+    assert compatible_versions("0.1.3", theirs) is ok
+    assert compatible_versions("1.2.0", "1.9.1") and not compatible_versions("1.2.0", "2.0.0")
