@@ -1,4 +1,5 @@
-"""The ``asyndgan`` command line. Each sub-command parses flags (env vars as defaults), validates, runs.
+"""The ``asyndgan`` command line. Each sub-command parses flags (flags > ``ASYNDGAN_<FLAG>`` > ``--config FILE`` >
+defaults, :mod:`asyndgan.cli_config`), validates, runs.
 
 Errors a user can fix end as one readable line on stderr and a non-zero exit code.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,19 +16,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from asyndgan import __version__
 from asyndgan.cli_flags import (
     EMBEDDED,
     UsageError,
     add_allow_flag,
     add_common,
+    add_config_flags,
     add_metrics_flags,
     add_model_flags,
     add_privacy_flags,
     add_tls_flags,
-    env,
+    generator_config,
     net_config,
     parse_site,
     privacy_config,
+    setup_logging,
     start_metrics,
     tls_config,
     train_config,
@@ -36,7 +41,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from asyndgan.data.loaders import NiftiLayout
-    from asyndgan.services.generator.service import GeneratorConfig
 
 log = logging.getLogger("asyndgan")
 
@@ -82,12 +86,13 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
     from asyndgan.services.discriminator.service import DiscriminatorConfig, start_dial_out, start_discriminator
 
     if a.connect and a.listen:
-        raise UsageError("--connect (dial-out) opens no gRPC port: drop --listen")
+        if a.sources.get("listen") is None:  # on the command line
+            raise UsageError("--connect (dial-out) opens no gRPC port: drop --listen")
+        a.listen = None  # ASYNDGAN_LISTEN (the image sets it) is only the dial-in default
     cfg = DiscriminatorConfig(
         site_id=a.site_id,
         data=a.data,
-        # ASYNDGAN_LISTEN (the image sets it) is only the dial-in default: --connect overrides it.
-        listen=a.listen or env("listen") or "127.0.0.1:50061",
+        listen=a.listen or "127.0.0.1:50061",
         connect=a.connect,
         server_name=a.server_name,
         checkpoint_dir=Path(a.checkpoint_dir) if a.checkpoint_dir else None,
@@ -119,37 +124,6 @@ def cmd_discriminator(a: argparse.Namespace) -> int:
         metrics_http.close()
     log.info("stopped cleanly after %d steps", site.steps)
     return 0
-
-
-def generator_config(a: argparse.Namespace) -> GeneratorConfig:
-    from asyndgan.services.generator.orchestrator import OrchestratorConfig
-    from asyndgan.services.generator.service import GeneratorConfig
-
-    codec_name = a.codec or None
-    return GeneratorConfig(
-        sites=tuple(a.site),
-        iterations=a.iterations,
-        checkpoint_dir=Path(a.checkpoint_dir),
-        listen=a.listen,
-        resume=a.resume,
-        checkpoint_every=a.checkpoint_every,
-        seed=a.seed,
-        net=net_config(a),
-        train=train_config(a),
-        orchestrator=OrchestratorConfig(
-            step_deadline_s=a.deadline,
-            image_codec=codec_name or OrchestratorConfig.image_codec,
-            grad_codec=codec_name or OrchestratorConfig.grad_codec,
-        ),
-        out=Path(a.out) if a.out else None,
-        heldout=a.heldout,
-        port_file=Path(a.port_file) if a.port_file else None,
-        tls=tls_config(a),
-        allowed_clients=tuple(a.allow_client),
-        max_grad_norm=a.max_grad_norm,
-        device=a.device,
-        min_sites=a.min_sites,
-    )
 
 
 def cmd_generator(a: argparse.Namespace) -> int:
@@ -299,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from asyndgan.clients import audit
 
     parser = argparse.ArgumentParser(prog="asyndgan", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"asyndgan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-local", help="train in one process (reference trainer)")
@@ -315,33 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_local)
 
     p = sub.add_parser("discriminator", help="serve one hospital's discriminator")
-    p.add_argument("--site-id", required=env("site_id") is None, default=env("site_id"))
-    p.add_argument(
-        "--data", required=env("data") is None, default=env("data"), help="site data spec (see docs/data.md)"
-    )
+    p.add_argument("--site-id", required=True)
+    p.add_argument("--data", required=True, help="site data spec (see docs/data.md)")
     p.add_argument(
         "--listen",
-        help="HOST:PORT to serve on (port 0 = any; default $ASYNDGAN_LISTEN, else 127.0.0.1:50061)",
+        help="HOST:PORT to serve on (port 0 = any; default 127.0.0.1:50061)",
     )
     p.add_argument(
         "--connect",
-        default=env("connect"),
+        default=None,
         metavar="HOST:PORT",
         help="dial out to the generator's port instead of listening (no inbound port; docs/deploy.md)",
     )
     p.add_argument(
         "--server-name",
-        default=env("server_name", "generator"),
+        default="generator",
         help="with --connect and TLS: the name the generator's certificate must carry",
     )
-    p.add_argument("--checkpoint-dir", default=env("checkpoint_dir"))
+    p.add_argument("--checkpoint-dir")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--size", type=int, default=None, help="resize slices to SIZE x SIZE")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--port-file", help="write the bound port here (for port 0)")
     add_metrics_flags(p)
     p.add_argument("--grace", type=float, default=10.0, help="seconds for in-flight calls at shutdown")
-    p.add_argument("--device", default=env("device", "cpu"))
+    p.add_argument("--device", default="cpu")
     add_model_flags(p)
     add_tls_flags(p)
     add_allow_flag(p, "Discriminator")
@@ -360,14 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-sites",
         type=int,
-        default=int(env("min_sites", "0") or 0),
+        default=0,
         help="sites needed to start training (0 = all); later sites join at the next step",
     )
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--checkpoint-dir", required=True)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--listen", default=env("listen", "127.0.0.1:50051"))
+    p.add_argument("--listen", default="127.0.0.1:50051")
     p.add_argument("--port-file")
     p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
     p.add_argument(
@@ -382,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="keep serving Synthesize after training")
     add_metrics_flags(p)
     p.add_argument("--grace", type=float, default=5.0)
-    p.add_argument("--device", default=env("device", "cpu"))
+    p.add_argument("--device", default="cpu")
     add_model_flags(p)
     add_tls_flags(p)
     add_allow_flag(p, "Generator")
@@ -447,30 +420,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="segmentation from synthetic vs real data, memorisation audit (docs/evaluation.md)")
     add_eval_flags(p)
-    p.add_argument("--threads", type=int, default=int(env("threads", "2") or 2), help="torch threads in all")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in all")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=lambda a: cmd_eval(a, ["asyndgan", *sys.argv[1:]]))
+    for leaf in _leaves(parser):
+        add_config_flags(leaf)
     return parser
 
 
-def _setup(a: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,  # a library (opacus) may have put a handler on the root logger at import
-    )
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for p in subs[0].choices.values() for leaf in _leaves(p)]
+
+
+def _target(a: argparse.Namespace) -> str:
+    return str(getattr(a, "generator", None) or getattr(a, "target", None) or "the service")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import grpc
+
+    from asyndgan.cli_config import ConfigError, apply_sources
     from asyndgan.codec import CodecError
     from asyndgan.data import DataError
     from asyndgan.errors import FailedPrecondition
+    from asyndgan.rpc import explain_rpc_error
 
-    a = build_parser().parse_args(argv)
-    _setup(a)
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        sources = apply_sources(parser, args)
+    except ConfigError as e:
+        print(f"asyndgan: error: {e}", file=sys.stderr)
+        return 2
+    a = parser.parse_args(args)
+    a.sources = sources
+    setup_logging(a.verbose, a.log_format)
+    if getattr(a, "threads", 0) > 0:
+        torch.set_num_threads(a.threads)
     func: Callable[[argparse.Namespace], int] = a.func
     try:
         return func(a)
@@ -479,6 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("failed")
         print(f"asyndgan {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:  # the service answered with an error, or could not be reached
+        if a.verbose:
+            log.exception("failed")
+        print(f"asyndgan {a.command}: error: {explain_rpc_error(e, _target(a))}", file=sys.stderr)
+        sys.stderr.flush()
+        # A failed stream can leave gRPC's request thread alive; exiting through interpreter shutdown then aborts
+        # in C++ ("terminate called ..."). Nothing is left to clean up here: files are written atomically.
+        os._exit(1)
     except KeyboardInterrupt:
         print(f"asyndgan {a.command}: interrupted", file=sys.stderr)
         return 130

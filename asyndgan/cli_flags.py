@@ -1,9 +1,12 @@
-"""Flags shared by the ``asyndgan`` sub-commands and the configs built from them (env vars as defaults)."""
+"""Flags shared by the ``asyndgan`` sub-commands and the configs built from them (:mod:`asyndgan.cli_config`
+sets their defaults from the environment and the config file)."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from asyndgan.metrics import MetricsHttpServer
+    from asyndgan.services.generator.service import GeneratorConfig
 
 EMBEDDED = "embedded:icbm152"
 
@@ -24,20 +28,13 @@ class UsageError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
 
 
-def env(name: str, default: str | None = None) -> str | None:
-    """Default for a flag from ``ASYNDGAN_<NAME>``."""
-    return os.environ.get(f"ASYNDGAN_{name.upper().replace('-', '_')}", default)
-
-
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--generator-net", default=env("generator_net", "auto"), choices=["auto", *sorted(GENERATORS)])
-    g.add_argument(
-        "--discriminator-net", default=env("discriminator_net", "patchgan_3"), choices=sorted(DISCRIMINATORS)
-    )
-    g.add_argument("--ngf", type=int, default=int(env("ngf", "32") or 32))
-    g.add_argument("--ndf", type=int, default=int(env("ndf", "32") or 32))
-    g.add_argument("--gan-mode", default=env("gan_mode", "vanilla"), choices=["vanilla", "lsgan"])
+    g.add_argument("--generator-net", default="auto", choices=["auto", *sorted(GENERATORS)])
+    g.add_argument("--discriminator-net", default="patchgan_3", choices=sorted(DISCRIMINATORS))
+    g.add_argument("--ngf", type=int, default=32)
+    g.add_argument("--ndf", type=int, default=32)
+    g.add_argument("--gan-mode", default="vanilla", choices=["vanilla", "lsgan"])
     g.add_argument("--lambda-l1", type=float, default=100.0)
     g.add_argument("--lr", type=float, default=2e-4)
 
@@ -57,23 +54,23 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=int(env("threads", "0") or 0), help="torch threads (0 = auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mutual TLS (all three or none)")
-    g.add_argument("--tls-cert", default=env("tls_cert"), help="PEM certificate of this service")
-    g.add_argument("--tls-key", default=env("tls_key"), help="PEM private key")
-    g.add_argument("--tls-ca", default=env("tls_ca"), help="PEM CA that signs the peers")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate of this service")
+    g.add_argument("--tls-key", default=None, help="PEM private key")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signs the peers")
 
 
 def add_allow_flag(p: argparse.ArgumentParser, who: str) -> None:
     p.add_argument(
         "--allow-client",
         action="append",
-        default=[n for n in (env("allow_client") or "").split(",") if n],
+        default=[],
         metavar="NAME",
         help=f"with mutual TLS: only clients whose certificate names NAME may call the {who} service (repeat; "
         "default: any certificate from the CA). Health and reflection stay open to the CA's certificates.",
@@ -84,18 +81,18 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("privacy guard (docs/privacy.md)")
     g.add_argument(
         "--privacy",
-        default=env("privacy", "dp"),
+        default="dp",
         choices=["dp", "none"],
         help="dp (default): differentially private discriminator, GAN-only gradients, budget enforced here; "
         "none: the paper's exchange, whose gradients let the generator rebuild this site's images",
     )
-    g.add_argument("--privacy-epsilon", type=float, default=float(env("privacy_epsilon", "8") or 8))
-    g.add_argument("--privacy-delta", type=float, default=float(env("privacy_delta", "1e-5") or 1e-5))
+    g.add_argument("--privacy-epsilon", type=float, default=8.0)
+    g.add_argument("--privacy-delta", type=float, default=1e-5)
     g.add_argument("--privacy-noise", type=float, default=0.0, help="noise multiplier sigma (0 = fit --privacy-steps)")
     g.add_argument("--privacy-steps", type=int, default=1000, help="steps the budget is planned for")
     g.add_argument("--privacy-clip", type=float, default=1.0, help="per-subject gradient clip C of D")
     g.add_argument("--privacy-sample", type=int, default=0, help="expected subjects per D step (0 = batch size)")
-    g.add_argument("--privacy-ledger", default=env("privacy_ledger"), help="budget ledger file")
+    g.add_argument("--privacy-ledger", default=None, help="budget ledger file")
     g.add_argument("--privacy-insecure-seed", type=int, default=None, help=argparse.SUPPRESS)  # tests only
 
 
@@ -138,16 +135,13 @@ def parse_site(value: str) -> tuple[str, str | None]:
 
 def add_metrics_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Prometheus metrics (see docs/observability.md)")
-    port = env("metrics_port")
     g.add_argument(
         "--metrics-port",
         type=int,
-        default=int(port) if port else None,
+        default=None,
         help="serve /metrics on this port (0 = any free port; default: no metrics)",
     )
-    g.add_argument(
-        "--metrics-host", default=env("metrics_host", "127.0.0.1"), help="address for /metrics (0.0.0.0 in a pod)"
-    )
+    g.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (0.0.0.0 in a pod)")
     g.add_argument("--metrics-port-file", default=None, help="write the bound metrics port here (for port 0)")
 
 
@@ -163,3 +157,65 @@ def start_metrics(a: argparse.Namespace, service: str) -> tuple[CollectorRegistr
     if a.metrics_port_file:
         write_bytes_atomic(Path(a.metrics_port_file), str(http.port).encode())
     return registry, http
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """--config and --log-format, on every sub-command (their defaults come from :mod:`asyndgan.cli_config`)."""
+    p.add_argument("--config", metavar="FILE", help="TOML file with flag values (flags > ASYNDGAN_* > file)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(verbose: bool, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # force: a library (opacus) may have put a handler on the root logger at import
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+
+
+def generator_config(a: argparse.Namespace) -> GeneratorConfig:
+    from asyndgan.services.generator.orchestrator import OrchestratorConfig
+    from asyndgan.services.generator.service import GeneratorConfig
+
+    codec_name = a.codec or None
+    return GeneratorConfig(
+        sites=tuple(a.site),
+        iterations=a.iterations,
+        checkpoint_dir=Path(a.checkpoint_dir),
+        listen=a.listen,
+        resume=a.resume,
+        checkpoint_every=a.checkpoint_every,
+        seed=a.seed,
+        net=net_config(a),
+        train=train_config(a),
+        orchestrator=OrchestratorConfig(
+            step_deadline_s=a.deadline,
+            image_codec=codec_name or OrchestratorConfig.image_codec,
+            grad_codec=codec_name or OrchestratorConfig.grad_codec,
+        ),
+        out=Path(a.out) if a.out else None,
+        heldout=a.heldout,
+        port_file=Path(a.port_file) if a.port_file else None,
+        tls=tls_config(a),
+        allowed_clients=tuple(a.allow_client),
+        max_grad_norm=a.max_grad_norm,
+        device=a.device,
+        min_sites=a.min_sites,
+    )

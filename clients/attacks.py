@@ -32,7 +32,7 @@ from asyndgan import codec, wire
 from asyndgan.algorithm import GeneratorTrainer, TrainConfig
 from asyndgan.messages import SiteDescription, StepAnswer, StepWork
 from asyndgan.nets import NetConfig
-from asyndgan.rpc import TlsConfig, make_channel
+from asyndgan.rpc import TlsConfig, explain_rpc_error, make_channel
 from asyndgan.v1 import discriminator_pb2_grpc as dpb_grpc
 
 __all__ = [
@@ -79,6 +79,7 @@ class SiteClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.server_name = server_name
         self.channel = make_channel(target, tls=tls, server_name=server_name)
         self.stub = dpb_grpc.DiscriminatorStub(self.channel)
         self._info: SiteDescription | None = None
@@ -94,7 +95,7 @@ class SiteClient:
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise SiteFinished(what) from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and self._info is None:
-                what = f"cannot reach discriminator at {self.target} ({name}): {_one_line(str(details or ''))}"
+                what = f"cannot reach the discriminator: {explain_rpc_error(e, self.target, self.server_name)}"
             raise AuditError(what) from None
 
     def describe(self) -> SiteDescription:

@@ -30,7 +30,7 @@ from asyndgan.clients.attacks import AttackRun, AuditError, SiteClient, SliceBoo
 from asyndgan.data import DataError, SiteData, load_site
 from asyndgan.io import write_json_atomic
 from asyndgan.messages import SiteDescription
-from asyndgan.rpc import TlsConfig
+from asyndgan.rpc import TlsConfig, explain_rpc_error
 
 __all__ = [
     "AuditError",
@@ -265,9 +265,7 @@ def membership_attack(
                 order = _channel_order(names, data.modalities, "the generator")
                 errors.append(reconstruction_errors(images[:, order], data.images))
     except grpc.RpcError as e:
-        code = e.code().name if hasattr(e, "code") else "ERROR"
-        details = " ".join(str(e.details() if hasattr(e, "details") else e).split())[:300]
-        raise AuditError(f"generator {generator}: Synthesize failed ({code}): {details}") from None
+        raise AuditError(f"generator: Synthesize failed: {explain_rpc_error(e, generator, server_name)}") from None
     auc = roc_auc(-errors[0], -errors[1])
     return {
         "auc": round(auc, 4),

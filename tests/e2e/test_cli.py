@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -168,3 +170,47 @@ def test_demo_with_mutual_tls_trains(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 3 and all(s["steps_contributed"] == 3 for s in summary["sites"])
     assert (out / "run" / "certs" / "hospital-1.pem").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """An address where nothing listens, an HTTP server (the wrong protocol), and a development CA."""
+    import http.server
+    import threading
+
+    tmp = tmp_path_factory.mktemp("targets")
+    http_srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=http_srv.serve_forever, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    assert run("certs", "init", "--dir", str(tmp)).returncode == 0
+    assert run("certs", "issue", "client", "--dir", str(tmp)).returncode == 0
+    tls = ["--tls-cert", str(tmp / "client.pem"), "--tls-key", str(tmp / "client.key"), "--tls-ca", str(tmp / "ca.pem")]
+    yield {"refused": f"127.0.0.1:{closed.getsockname()[1]}", "http": f"127.0.0.1:{http_srv.server_port}", "tls": tls}
+    http_srv.shutdown()
+    closed.close()
+
+
+LABELS = "embedded:icbm152?site=0&of=3&size=32"
+
+
+@pytest.mark.parametrize("target", ["refused", "http", "tls-to-plaintext"])
+@pytest.mark.parametrize("command", ["synthesize", "audit-active", "audit-membership"])
+def test_unreachable_wrong_tls_or_protocol_is_one_line(
+    bad_targets: dict[str, Any], tmp_path: Path, command: str, target: str
+) -> None:
+    address = bad_targets["refused" if target == "refused" else "http"]
+    tls = bad_targets["tls"] if target == "tls-to-plaintext" else []
+    args = {
+        "synthesize": ["synthesize", "--generator", address, "--labels", LABELS, "--out", str(tmp_path)],
+        "audit-active": ["audit", "--target", address, "--data", LABELS, "--attack", "active", "--steps", "2",
+                         "--timeout", "10"],
+        "audit-membership": ["audit", "--generator", address, "--data", LABELS, "--heldout", LABELS,
+                             "--attack", "membership"],
+    }[command]  # fmt: skip
+    res = run(*args, *tls, timeout=180)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if "error" in line]
+    assert len(lines) == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "terminate called" not in res.stderr, res.stderr[-2000:]
+    assert address in lines[0] or "TLS" in lines[0], lines[0]

@@ -18,7 +18,7 @@ from asyndgan import codec
 from asyndgan.data import load_site
 from asyndgan.errors import IncompatibleSites
 from asyndgan.local import LocalRun, train_local
-from asyndgan.services.generator.orchestrator import compatible_versions
+from asyndgan.services.generator.admission import compatible_versions
 from asyndgan.services.generator.service import GeneratorService
 from tests.integration.cluster import BATCH, NET, SIZE, TRAIN, generator_config, site_spec, start_sites, stop_sites
 
