@@ -6,19 +6,23 @@
 ((..., 64, 64), (..., 1, 64, 64), ('t1',))
 
 Schemes: ``embedded:`` (simulated hospitals cut from the MNI ICBM152 template, see :mod:`.embedded`),
-``npz:``, ``png:``, ``nifti:`` (see :mod:`.loaders`); grammar: :mod:`.spec`, ``docs/data.md``.
+``npz:``, ``png:`` (see :mod:`.loaders`), ``nifti:`` (one volume, :mod:`.nifti`), ``bids:`` and ``manifest:``
+(a cohort of many patients, :mod:`.cohort`); grammar: :mod:`.spec`, ``docs/data.md``.
 Every failure is a :class:`DataError` (a ``ValueError``) with a human-readable message.
 """
 
+from .cohort import CohortEntry, cohort_entries
 from .embedded import REFERENCE_SCANNER, Scanner, embedded_slice_index, site_scanner
 from .loaders import load_site
 from .spec import DataError, SiteData, parse_spec
 
 __all__ = [
     "REFERENCE_SCANNER",
+    "CohortEntry",
     "DataError",
     "Scanner",
     "SiteData",
+    "cohort_entries",
     "embedded_slice_index",
     "load_site",
     "parse_spec",

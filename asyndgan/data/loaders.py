@@ -1,4 +1,4 @@
-"""Load one site's data from a spec string: ``embedded:``, ``npz:``, ``png:`` or ``nifti:``.
+"""Load one site's data from a spec string: ``embedded:``, ``npz:``, ``png:``, ``nifti:``, ``bids:`` or ``manifest:``.
 
 Specs (the syntax is in :mod:`asyndgan.data.spec`; ``docs/data.md`` has the details)::
 
@@ -7,7 +7,8 @@ Specs (the syntax is in :mod:`asyndgan.data.spec`; ``docs/data.md`` has the deta
     embedded:icbm152?site=0&of=3&subjects=400[&slices=5][&seed=0]    a virtual population (400 x 5 slices)
     npz:FILE[?num_classes=4][&modalities=t1,t2][&range=auto|minmax|LO,HI][&size=S]
     png:DIR[?num_classes=4][&modality=t1][&size=S]
-    nifti:labels=PATH&t1=PATH[&t2=PATH...][&axis=2][&num_classes=4][&size=S]
+    nifti:labels=PATH&t1=PATH[&t2=PATH...][&axis=2][&num_classes=4][&size=S][&reorient=none|ras]
+    bids:DIR[?modalities=t1,t2][&labels=dseg]...  /  manifest:FILE.csv[?...]   cohorts, see :mod:`.cohort`
 
 ``size`` (square side in pixels) may also be passed to :func:`load_site`, which then overrides the spec.
 Without a size, ``npz``/``png``/``nifti`` data keep their native shape; with one, each slice is padded to a
@@ -19,21 +20,23 @@ Every failure raises :class:`~.spec.DataError` with a message naming the problem
 from __future__ import annotations
 
 import logging
-import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from .cohort import load_cohort
 from .embedded import load_embedded
+from .nifti import NiftiLayout, load_nifti, nifti_layout, slices_to_volume
 from .spec import (
+    MODALITY_RE,
     DataError,
     SiteData,
+    as_labels,
+    check_finite,
     check_options,
     int_option,
+    label_classes,
     list_option,
     parse_spec,
     resize_square,
@@ -41,13 +44,12 @@ from .spec import (
     scale_intensity,
 )
 
+__all__ = ["NiftiLayout", "as_labels", "load_site", "nifti_layout", "normalise_images", "slices_to_volume"]
+
 log = logging.getLogger(__name__)
 
 NPZ_OPTIONS = ("num_classes", "modalities", "range", "size")
 PNG_OPTIONS = ("num_classes", "modality", "size")
-NIFTI_RESERVED = ("labels", "axis", "num_classes", "size")
-ROBUST_PERCENTILES = (0.5, 99.5)
-_MODALITY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def load_site(spec: str, *, size: int | None = None) -> SiteData:
@@ -59,6 +61,8 @@ def load_site(spec: str, *, size: int | None = None) -> SiteData:
         return load_npz(options, size)
     if scheme == "png":
         return load_png(options, size)
+    if scheme in ("bids", "manifest"):
+        return load_cohort(scheme, options, size)
     return load_nifti(options, size)
 
 
@@ -70,43 +74,6 @@ def _target(scheme: str, options: dict[str, str], what: str) -> Path:
     if not target:
         raise DataError(f"{scheme}: spec needs a {what}, e.g. {scheme}:/data/site0{'.npz' if scheme == 'npz' else ''}")
     return Path(target).expanduser()
-
-
-def as_labels(arr: np.ndarray, where: str) -> np.ndarray:
-    """Check an integer-valued label array and return it as uint8 (DataError otherwise)."""
-    arr = np.asarray(arr)
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if arr.size == 0:
-        raise DataError(f"{where}: labels are empty")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise DataError(f"{where}: labels contain NaN or Inf")
-        if not np.array_equal(arr, np.round(arr)):
-            raise DataError(f"{where}: labels contain non-integer values; labels must be class indices")
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"{where}: labels have dtype {arr.dtype}; expected integer class indices")
-    lo, hi = arr.min(), arr.max()
-    if lo < 0:
-        raise DataError(f"{where}: labels contain negative values (min {lo}); labels must be class indices >= 0")
-    if hi > 255:
-        raise DataError(f"{where}: label value {hi} too large; at most 256 classes (0..255) are supported")
-    return arr.astype(np.uint8)
-
-
-def _num_classes(labels: np.ndarray, declared: int | None, where: str) -> int:
-    top = int(labels.max())
-    if declared is None:
-        return max(2, top + 1)
-    if top >= declared:
-        raise DataError(f"{where}: label value {top} out of range for num_classes={declared} (valid 0..{declared - 1})")
-    return declared
-
-
-def _check_finite(images: np.ndarray, where: str) -> None:
-    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
-        bad = int((~np.isfinite(images)).sum())
-        raise DataError(f"{where}: images contain {bad} NaN/Inf value(s)")
 
 
 def normalise_images(images: np.ndarray, how: str, where: str) -> np.ndarray:
@@ -121,7 +88,7 @@ def normalise_images(images: np.ndarray, how: str, where: str) -> np.ndarray:
         raise DataError(f"{where}: images are empty")
     if not (np.issubdtype(images.dtype, np.number) and not np.issubdtype(images.dtype, np.complexfloating)):
         raise DataError(f"{where}: images have dtype {images.dtype}; expected a real numeric type")
-    _check_finite(images, where)
+    check_finite(images, where)
     if how == "minmax":
         x = images.astype(np.float32)
         axes = tuple(range(2, x.ndim))
@@ -231,7 +198,7 @@ def load_npz(options: dict[str, str], size: int | None = None) -> SiteData:
         if declared is not None and declared != nc_file:
             raise DataError(f"{where}: num_classes={declared} in the spec but {nc_file} in the file")
         declared = nc_file
-    nc = _num_classes(labels, declared, where)
+    nc = label_classes(labels, declared, where)
     return _finish(path.stem, labels, images, mods, nc, out_size)
 
 
@@ -278,7 +245,7 @@ def load_png(options: dict[str, str], size: int | None = None) -> SiteData:
     where = f"png directory {root.name!r}"
     out_size = resolve_size(options, size, None)
     modality = options.get("modality", "t1").strip()
-    if not _MODALITY_RE.match(modality):
+    if not MODALITY_RE.match(modality):
         raise DataError(f"modality={modality!r} is not a valid modality name")
     img_dir, lab_dir = root / "images", root / "labels"
     for d in (root, img_dir, lab_dir):
@@ -322,143 +289,5 @@ def load_png(options: dict[str, str], size: int | None = None) -> SiteData:
         images_list.append(img_f)
     labels = np.stack(labels_list)
     images = np.stack(images_list)[:, None].astype(np.float32)
-    nc = _num_classes(labels, int_option(options, "num_classes", None, 2, 256), where)
+    nc = label_classes(labels, int_option(options, "num_classes", None, 2, 256), where)
     return SiteData(name=root.name or "png", labels=labels, images=images, modalities=(modality,), num_classes=nc)
-
-
-# ---------------------------------------------------------------------------------------------------- nifti
-
-
-def _nifti_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
-def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-
-    if not path.is_file():
-        raise DataError(f"{kind} NIfTI file {path.name!r} not found")
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # type: ignore[attr-defined]
-        affine = np.asarray(img.affine, dtype=np.float64)  # type: ignore[attr-defined]
-    except (ImageFileError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read {kind} NIfTI file {path.name!r} ({exc})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{kind} NIfTI file {path.name!r} has shape {data.shape}; expected a 3D volume")
-    return np.asarray(data), affine
-
-
-@dataclass(frozen=True)
-class NiftiLayout:
-    """Where the slices of a ``nifti:`` spec came from: enough to put per-slice results back into the volume."""
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    axis: int
-    positions: np.ndarray  # slice index along ``axis`` of each row of the loaded SiteData
-
-
-def nifti_layout(spec: str) -> NiftiLayout | None:
-    """The layout of a ``nifti:`` spec's slices (reads the label volume again); ``None`` for other schemes."""
-    scheme, options = parse_spec(spec)
-    if scheme != "nifti":
-        return None
-    lab_path = Path(options.get("labels", "")).expanduser()
-    raw, affine = _read_nifti(lab_path, "labels")
-    axis = int_option(options, "axis", 2, 0, 2)
-    assert axis is not None
-    positions = _foreground_slices(as_labels(raw, f"NIfTI labels {lab_path.name!r}"), axis)
-    return NiftiLayout(raw.shape, affine, axis, positions)  # type: ignore[arg-type]
-
-
-def slices_to_volume(layout: NiftiLayout, slices: np.ndarray, fill: float, labels: bool = False) -> np.ndarray:
-    """Inverse of the ``nifti:`` loader's slicing: (N, H, W) slices as loaded (native, or padded to a square and
-    resized with ``size``) back into a volume of ``layout.shape``; slices without foreground get ``fill``.
-    ``labels``: nearest-neighbour resizing and a uint8 volume."""
-    h, w = (n for i, n in enumerate(layout.shape) if i != layout.axis)
-    side = max(h, w)
-    if slices.ndim != 3 or len(slices) != len(layout.positions):
-        raise DataError(f"expected {len(layout.positions)} slices, got an array of shape {slices.shape}")
-    if slices.shape[1:] == (h, w):
-        rows = np.asarray(slices, dtype=np.float32)
-    elif slices.shape[1] == slices.shape[2]:
-        x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
-        if x.shape[-1] != side:
-            mode = "nearest-exact" if labels else "bilinear"
-            x = F.interpolate(x, size=(side, side), mode=mode, **({} if labels else {"align_corners": False}))
-        top, left = (side - h) // 2, (side - w) // 2
-        rows = x[:, 0, top : top + h, left : left + w].numpy()
-    else:
-        raise DataError(f"slices of {slices.shape[1:]} fit neither the volume's ({h}, {w}) nor a square")
-    vol = np.full(layout.shape, fill, dtype=np.uint8 if labels else np.float32)
-    np.moveaxis(vol, layout.axis, 0)[layout.positions] = rows.round() if labels else rows
-    return vol
-
-
-def _foreground_slices(labels_vol: np.ndarray, axis: int) -> np.ndarray:
-    return np.flatnonzero((labels_vol > 0).any(axis=tuple(a for a in range(3) if a != axis)))
-
-
-def load_nifti(options: dict[str, str], size: int | None = None) -> SiteData:
-    """``nifti:labels=PATH&t1=PATH[&t2=PATH...][&axis=2]``: a label volume and one volume per modality.
-
-    Keys other than ``labels``, ``axis``, ``num_classes`` and ``size`` name modalities (in channel order).
-    Slices along ``axis`` with no foreground label (> 0) are skipped. Each image volume is normalised on its
-    own: its 0.5th/99.5th percentiles (over the whole volume) map to -1/1, values beyond are clipped.
-    """
-    if "target" in options:
-        raise DataError("nifti: spec takes no target; use nifti:labels=PATH&t1=PATH[&axis=2]")
-    mods = tuple(k for k in options if k not in NIFTI_RESERVED)
-    for m in mods:
-        if not _MODALITY_RE.match(m):
-            raise DataError(f"nifti: option {m!r} is not a valid modality name")
-    if "labels" not in options or not options["labels"]:
-        raise DataError("nifti: spec needs labels=PATH (the label volume)")
-    if not mods:
-        raise DataError(
-            "nifti: spec names no image volume; add one per modality, e.g. t1=PATH "
-            f"(keys other than {', '.join(NIFTI_RESERVED)} name modalities)"
-        )
-    axis = int_option(options, "axis", 2, 0, 2)
-    assert axis is not None
-    out_size = resolve_size(options, size, None)
-    lab_path = Path(options["labels"]).expanduser()
-    where = f"NIfTI labels {lab_path.name!r}"
-    raw_lab, lab_affine = _read_nifti(lab_path, "labels")
-    labels_vol = as_labels(raw_lab, where)
-
-    vols = []
-    for m in mods:
-        path = Path(options[m]).expanduser()
-        raw, affine = _read_nifti(path, f"modality {m!r}")
-        vwhere = f"NIfTI {m} {path.name!r}"
-        if raw.shape != labels_vol.shape:
-            raise DataError(f"shape mismatch: {where} is {labels_vol.shape} but {vwhere} is {raw.shape}")
-        if not np.allclose(affine, lab_affine, atol=1e-3):
-            log.warning("%s and %s have different affines; are they registered?", where, vwhere)
-        if not np.issubdtype(raw.dtype, np.number) or np.issubdtype(raw.dtype, np.complexfloating):
-            raise DataError(f"{vwhere}: dtype {raw.dtype} is not a real numeric type")
-        vol = raw.astype(np.float32)
-        _check_finite(vol, vwhere)
-        lo, hi = (float(v) for v in np.percentile(vol, ROBUST_PERCENTILES))
-        if hi <= lo:
-            lo, hi = float(vol.min()), float(vol.max())
-        if hi <= lo:
-            raise DataError(f"{vwhere}: volume is constant ({lo:g}); cannot normalise intensities")
-        vols.append(scale_intensity(vol, lo, hi))
-
-    fg = _foreground_slices(labels_vol, axis)
-    if fg.size == 0:
-        raise DataError(f"{where}: no foreground labels (> 0) in any slice along axis {axis}; zero slices")
-    labels = np.ascontiguousarray(np.moveaxis(np.take(labels_vol, fg, axis=axis), axis, 0))
-    images = np.stack([np.moveaxis(np.take(v, fg, axis=axis), axis, 0) for v in vols], axis=1)
-    nc = _num_classes(labels_vol, int_option(options, "num_classes", None, 2, 256), where)
-    return _finish(_nifti_name(lab_path), labels, np.ascontiguousarray(images, np.float32), mods, nc, out_size)

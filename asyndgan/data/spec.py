@@ -11,6 +11,8 @@ A *data spec* is one string naming where a site's data come from::
 * ``png:/data/site0?num_classes=4``           ``images/<name>.png`` + ``labels/<name>.png`` pairs
 * ``nifti:labels=/d/seg.nii.gz&t1=/d/t1.nii.gz&t2=/d/t2.nii.gz&axis=2``   NIfTI volumes (no target; the
   whole body is the query, a leading ``?`` is optional)
+* ``bids:/data/study?modalities=t1,t2``        a cohort in a BIDS-like tree (see :mod:`.cohort`)
+* ``manifest:/data/cohort.csv``               a cohort listed in a CSV/TSV file
 
 Rules: the scheme is everything before the first ``:``; the target runs to the first ``?``; options are
 ``&``-separated ``key=value`` pairs. Keys and values are percent-decoded (``%26`` for ``&``, ``%3F`` for
@@ -21,6 +23,7 @@ reserved key ``"target"``. Each loader rejects options it does not know.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -29,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCHEMES = ("embedded", "npz", "png", "nifti")
+SCHEMES = ("embedded", "npz", "png", "nifti", "bids", "manifest")
 QUERY_ONLY_SCHEMES = ("nifti",)
 TARGET_KEY = "target"
+MODALITY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 class DataError(ValueError):
@@ -283,3 +287,42 @@ def scale_intensity(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
         raise DataError(f"cannot normalise intensities: empty range [{lo}, {hi}] (constant image?)")
     out = (np.asarray(x, dtype=np.float32) - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
     return np.clip(out, -1.0, 1.0, out=out)
+
+
+def as_labels(arr: np.ndarray, where: str) -> np.ndarray:
+    """Check an integer-valued label array and return it as uint8 (DataError otherwise)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if arr.size == 0:
+        raise DataError(f"{where}: labels are empty")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise DataError(f"{where}: labels contain NaN or Inf")
+        if not np.array_equal(arr, np.round(arr)):
+            raise DataError(f"{where}: labels contain non-integer values; labels must be class indices")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{where}: labels have dtype {arr.dtype}; expected integer class indices")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        raise DataError(f"{where}: labels contain negative values (min {lo}); labels must be class indices >= 0")
+    if hi > 255:
+        raise DataError(f"{where}: label value {hi} too large; at most 256 classes (0..255) are supported")
+    return arr.astype(np.uint8)
+
+
+def label_classes(labels: np.ndarray, declared: int | None, where: str) -> int:
+    """``declared`` if every label is below it (DataError otherwise); without one, max label + 1 (at least 2)."""
+    top = int(labels.max())
+    if declared is None:
+        return max(2, top + 1)
+    if top >= declared:
+        raise DataError(f"{where}: label value {top} out of range for num_classes={declared} (valid 0..{declared - 1})")
+    return declared
+
+
+def check_finite(images: np.ndarray, where: str) -> None:
+    """DataError if a float array holds NaN or Inf."""
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        bad = int((~np.isfinite(images)).sum())
+        raise DataError(f"{where}: images contain {bad} NaN/Inf value(s)")
