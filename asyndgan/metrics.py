@@ -3,6 +3,8 @@
 - :class:`GeneratorMetrics` is the generator's :class:`~asyndgan.observer.StepObserver`:
   per-site bytes (wire and raw payload, fed by the same counters as ``summary.json``), client-side RPC latency,
   step time, iterations, active sites, drops and losses.
+  :meth:`GeneratorMetrics.track` adds G's step and target steps and each site's state, read from the generator's
+  Status at scrape time.
 - :class:`SiteCollector` exposes a discriminator's own step count and loss terms at scrape time.
 - :class:`GrpcServerMetrics` is a server interceptor with the go-grpc-prometheus series
   (``grpc_server_started_total``, ``grpc_server_handled_total``, ``grpc_server_handling_seconds``,
@@ -33,7 +35,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from asyndgan import __version__
 from asyndgan.algorithm import StepOutcome
-from asyndgan.messages import LossTerm, PrivacyState
+from asyndgan.messages import LossTerm, PrivacyState, TrainingState
 from asyndgan.rpc import handler_behavior, rewrap_handler
 
 __all__ = [
@@ -141,10 +143,14 @@ class GeneratorMetrics:
             list(LOSS_LABELS),
             registry=registry,
         )
-        self.lock = threading.Lock()
+        self.registry, self.lock = registry, threading.Lock()
         self.sites: list[str] = []
         for site in sites:
             self.add_site(site)
+
+    def track(self, status: Callable[[], TrainingState]) -> None:
+        """Expose G's step, the target and each site's state from ``status`` (the service's Status) at scrape time."""
+        self.registry.register(_ProgressCollector(status))
 
     def add_site(self, site: str) -> None:
         """Create the site's series at zero (idempotent)."""
@@ -193,6 +199,37 @@ class GeneratorMetrics:
         for site, terms in site_losses.items():
             for t in terms:
                 self.loss.labels(t.network, site, t.modality, t.term).set(t.value)
+
+
+class _ProgressCollector:
+    """``asyndgan_generator_step`` is G's own step count, restored from its checkpoint on ``--resume``: unlike
+    ``asyndgan_iterations_total`` (a counter, 0 again in a new process) it carries on across restarts."""
+
+    def __init__(self, status: Callable[[], TrainingState]) -> None:
+        self.status = status
+
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily("asyndgan_generator_step", "G's step count (restored from its checkpoint on --resume)"),
+            GaugeMetricFamily("asyndgan_target_steps", "The step the generator trains to (--iterations)"),
+            GaugeMetricFamily(
+                "asyndgan_site_active", "1: the site takes part (its last step counted, or it is back)", labels=["site"]
+            ),
+            GaugeMetricFamily("asyndgan_site_finished", "1: the site has spent its privacy budget", labels=["site"]),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        state = self.status()
+        step, target, active, finished = self._families()
+        step.add_metric([], state.step)
+        target.add_metric([], state.target_steps)
+        for s in state.sites:
+            active.add_metric([s.site_id], 1.0 if s.active else 0.0)
+            finished.add_metric([s.site_id], 1.0 if s.finished else 0.0)
+        return step, target, active, finished
 
 
 # -- discriminator side ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from asyndgan.io import write_bytes_atomic
 
-__all__ = ["Progress", "heldout_l1", "label_rgb", "samples_png", "steady_seconds"]
+__all__ = ["Progress", "duration", "heldout_l1", "label_rgb", "samples_png", "steady_seconds"]
 
 WARMUP_STEPS = 3
 
@@ -84,26 +85,105 @@ def samples_png(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray]]], sc
     write_bytes_atomic(path, buf.getvalue())
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` as 1h02m, 4m05s or 12s."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
+
+
 class Progress:
-    """One status line: a redrawn bar on a terminal, a log line every ``every`` steps otherwise."""
+    """Work done of ``total`` with rate, elapsed time and ETA, for training, ``asyndgan eval`` and ``make bench``.
 
-    def __init__(self, total: int, every: int = 10, stream: TextIO | None = None) -> None:
-        self.total = total
-        self.every = max(every, 1)
+    With ``bar`` (default: when the stream is a terminal) one redrawn status line; otherwise ``logging`` lines, at
+    most one every ``interval`` seconds plus one at each phase change and one at the end, whatever the step rate.
+    ``start``: work already done before this run (a resumed training); it counts towards done, not the rate.
+    Thread-safe (``asyndgan eval`` feeds it from a thread that reads its worker processes' reports)."""
+
+    def __init__(
+        self,
+        total: float,
+        *,
+        what: str = "step",
+        unit: str = "it",
+        start: float = 0,
+        interval: float = 10.0,
+        bar: bool | None = None,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.what, self.unit = total, what, unit
+        self.done = self.start_done = start
+        self.interval = interval
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start = time.perf_counter()
+        self.bar = self.stream.isatty() if bar is None else bar
+        self.clock = clock
+        self.t0 = clock()
+        self.last_line = float("-inf")  # the first update logs
+        self.phase = ""
+        self.ended = False
+        self.lock = threading.Lock()
 
-    def update(self, step: int, **fields: float | str) -> None:
-        elapsed = time.perf_counter() - self.start
-        rate = step / elapsed if elapsed > 0 else 0.0
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    @property
+    def rate(self) -> float:
+        """Units per second in this run."""
+        elapsed = self.elapsed
+        return (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds to ``total`` at this run's rate so far; None before any progress."""
+        if self.done >= self.total:
+            return 0.0
+        rate = self.rate
+        return (self.total - self.done) / rate if rate > 0 else None
+
+    def line(self, **fields: float | str) -> str:
+        eta = self.eta
+        pct = 100.0 * self.done / self.total if self.total > 0 else 100.0
+        parts = [
+            f"{self.what}{f' [{self.phase}]' if self.phase else ''} {_num(self.done)}/{_num(self.total)} ({pct:.0f}%)",
+            f"{self.rate:.3g} {self.unit}/s",
+            f"elapsed {duration(self.elapsed)}",
+            f"ETA {duration(eta) if eta is not None else '?'}",
+        ]
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        if self.tty:
-            done = int(30 * step / max(self.total, 1))
-            bar = "#" * done + "." * (30 - done)
-            self.stream.write(f"\r[{bar}] {step}/{self.total} {rate:.2f} it/s {info}   ")
-            if step >= self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif step % self.every == 0 or step >= self.total:
-            log.info("step %d/%d %.2f it/s %s", step, self.total, rate, info)
+        return ", ".join(parts) + (f" {info}" if info else "")
+
+    def update(self, done: float, phase: str | None = None, **fields: float | str) -> None:
+        """Now ``done`` units are done (of ``total``), in ``phase`` if given; ``fields`` go on the line."""
+        with self.lock:
+            self._set(done, phase, fields)
+
+    def advance(self, units: float = 1, phase: str | None = None, **fields: float | str) -> None:
+        """``units`` more are done."""
+        with self.lock:
+            self._set(self.done + units, phase, fields)
+
+    def _set(self, done: float, phase: str | None, fields: dict[str, float | str]) -> None:
+        self.done = done
+        changed = phase is not None and phase != self.phase
+        self.phase = self.phase if phase is None else phase
+        end = done >= self.total and not self.ended
+        self.ended = self.ended or end
+        if self.bar:
+            self._draw(end, **fields)
+        elif changed or end or self.clock() - self.last_line >= self.interval:
+            self.last_line = self.clock()
+            log.info("%s", self.line(**fields))
+
+    def _draw(self, end: bool, **fields: float | str) -> None:
+        filled = int(30 * min(self.done / self.total, 1.0)) if self.total > 0 else 30
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.line(**fields)}   ")
+        if end:
+            self.stream.write("\n")
+        self.stream.flush()

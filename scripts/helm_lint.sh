@@ -10,8 +10,10 @@
 #    of hospital-c (metrics off; generator by IP without DNS)
 # 4. helm template per example -> kubernetes-validate --strict against the oldest supported and the newest schemas
 # 5. cross-reference checks on the rendered manifests (a dial-out release: no gRPC port or Service, NetworkPolicy
-#    with metrics-only ingress and egress to the generator + DNS only), and the container args parsed by the real
-#    asyndgan CLI
+#    with metrics-only ingress and egress to the generator + DNS only; the `helm test` Pods; the PrometheusRule's
+#    selectors scoped to the release), the container args parsed by the real asyndgan CLI, and `promtool check
+#    rules` on the rendered PrometheusRule (when promtool is on PATH; tests/integration/test_metrics.py always
+#    checks and unit-tests the canonical rules file)
 # 6. values that must be refused are refused; helm package works
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ PY=${PY:-.venv/bin/python}
 # Oldest Kubernetes the chart supports (native grpc probes are GA in 1.27) and the newest schemas bundled.
 KUBE_VERSIONS=${KUBE_VERSIONS:-1.27.0 1.37.0}
 # CRDs without a bundled schema: checked by check_rendered.py instead.
-CRD_KINDS='ServiceMonitor'
+CRD_KINDS='ServiceMonitor|PrometheusRule'
 log() { echo "[helm-lint +$(($(date +%s) - T0))s] $*"; }
 die() { echo "[helm-lint] FAIL: $*" >&2; exit 1; }
 
@@ -70,6 +72,7 @@ for v in "${variants[@]}"; do
 done
 grep -q 'kind: Service$' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a Service"
 grep -q 'port: 53$' "$OUT/dialout-ip-nodns.yaml" && die "dialout-ip-nodns allows DNS egress"
+grep -q 'helm.sh/hook: test' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a helm test Pod"
 log "helm lint --strict + helm template: ${#examples[@]} examples, ${#variants[@]} dial-out variants"
 for v in $KUBE_VERSIONS; do
     "$KV" --strict -k "$v" "$OUT"/*.yaml >"$OUT/kv-$v.txt" 2>&1 || { cat "$OUT/kv-$v.txt" >&2; die "kubernetes-validate $v"; }
@@ -85,6 +88,14 @@ done
 "$TOOLS_PY" deploy/k8s/check_rendered.py manifests "$OUT/args.json" "$OUT"/*.yaml
 # -P: the chart folder deploy/k8s/asyndgan must not shadow the asyndgan package
 "$PY" -P deploy/k8s/check_rendered.py cli-args "$OUT/args.json"
+rules=("$OUT"/rules-*.yml)
+[[ -e ${rules[0]} ]] || die "no example renders a PrometheusRule (alerts.enabled)"
+if command -v promtool >/dev/null; then
+    promtool check rules "${rules[@]}" >"$OUT/promtool.txt" 2>&1 || { cat "$OUT/promtool.txt" >&2; die "promtool check rules"; }
+    log "promtool check rules: ${#rules[@]} rendered PrometheusRule(s), $(grep -c SUCCESS "$OUT/promtool.txt") passed"
+else
+    log "promtool not on PATH: rendered PrometheusRule not checked (Debian package prometheus)"
+fi
 
 # 6: each of these must make `helm template` fail, with a message that names the problem
 refuse() {  # refuse WHY EXPECTED-MESSAGE-REGEX ARGS...
@@ -130,7 +141,12 @@ refuse "dial-out egress peer of unknown shape" "/discriminator/networkPolicy/egr
     --set 'discriminator.networkPolicy.egressTo[0].cidr=10.0.0.0/8'
 refuse "minSites above the number of sites" "minSites=2 but only 1 site" --set role=generator \
     --set 'generator.sites[0].name=a' --set generator.minSites=2
+refuse "alerts on a discriminator" "generator's release only" "${d[@]}" --set alerts.enabled=true
+refuse "alerts without metrics" "alerts.enabled needs metrics.enabled" --set role=generator \
+    --set 'generator.sites[0].name=a' --set alerts.enabled=true --set metrics.enabled=false
 log "$refused invalid value sets refused, each for its reason"
+"$HELM" template ok "$CHART" "${d[@]}" --set helmTest.enabled=false | grep -q 'helm-test' \
+    && die "helmTest.enabled=false still renders the test Pod or admits it in the NetworkPolicy"
 "$HELM" package "$CHART" -d "$OUT" >/dev/null
 log "helm package: $(cd "$OUT" && ls ./*.tgz | xargs -n1 basename)"
 log "PASS in $(($(date +%s) - T0)) s"

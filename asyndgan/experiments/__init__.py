@@ -10,7 +10,8 @@ Evaluation (``asyndgan eval``, ``python -m asyndgan.experiments.evaluate``; docs
 - :mod:`.segmentation` — the segmentation-utility runs (conditions, seeds, worker pool);
 - :mod:`.image_metrics` — SSIM, PSNR, L1;
 - :mod:`.memorisation` — the memorisation audit;
-- :mod:`.evaluation` — one setting end to end, and the whole evaluation;
+- :mod:`.evaluation` — one setting end to end, and the whole evaluation; :mod:`.eval_progress` — its progress line
+  (work done of the total, ETA), fed by the worker processes too;
 - :mod:`.eval_report` — ``eval.md``; :mod:`.figures` — ``eval.png`` and the benchmark's ``bytes.png``.
 
 Benchmarks (``make bench``: ``python -m asyndgan.experiments.bench``):

@@ -23,12 +23,15 @@ import torch
 from asyndgan.experiments.bench_sections import SECTIONS, BenchRun
 from asyndgan.experiments.timing import clock, cores
 from asyndgan.io import write_bytes_atomic, write_json_atomic
+from asyndgan.report import Progress
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger(__name__)
 
 PROG = "python -m asyndgan.experiments.bench"
+# Seconds each section took in the reference full run (results/bench.json): the weights of the progress line's ETA.
+SECTION_WEIGHTS = {"codec": 12, "step": 28, "bytes": 8, "distributed": 185, "scaling": 79, "synthesize": 11}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,12 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
     }
     run = BenchRun(a, n_cores, Path(a.out), results)
-    for name, section in SECTIONS.items():
-        if name in sections:
-            with clock(run.timing, name):
-                section(run)
+    _run_sections(run, [name for name in SECTIONS if name in sections])
     _finish(run, t_start)
     return 0
+
+
+def _run_sections(run: BenchRun, chosen: list[str]) -> None:
+    """The chosen sections in order, with a progress line (share of the work done, ETA) as each starts and ends."""
+    weights = [SECTION_WEIGHTS.get(name, 10) for name in chosen]
+    progress = Progress(sum(weights), what="bench", unit="units", bar=False)
+    for i, name in enumerate(chosen):
+        progress.update(sum(weights[:i]), phase=f"section {i + 1}/{len(chosen)}: {name}")
+        with clock(run.timing, name):
+            SECTIONS[name](run)
+    progress.update(progress.total, phase=f"{len(chosen)} sections done")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from asyndgan.experiments.datasets import LoadedSetting, load_setting, synthetic_sites
+from asyndgan.experiments.eval_progress import EvalProgress
 from asyndgan.experiments.eval_report import markdown_report
 from asyndgan.experiments.figures import figure_png
 from asyndgan.experiments.generators import GeneratorRun, generator_task
@@ -181,14 +182,19 @@ def _log_setting(setting: Setting, data: LoadedSetting) -> None:
 
 
 def evaluate_setting(
-    setting: Setting, opts: EvalOptions, pool: cf.Executor | None
+    setting: Setting, opts: EvalOptions, pool: cf.Executor | None, progress: EvalProgress | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run one setting; returns (its JSON entry, figure material)."""
+    """Run one setting; returns (its JSON entry, figure material). ``progress``: the phases are reported there."""
+    phase = progress.phase if progress is not None else lambda _name: None
     setting.validate()
     t0 = time.perf_counter()
+    phase(f"{setting.name}: data")
     data = load_setting(setting)
     sites, heldout = data.sites, data.heldout
     _log_setting(setting, data)
+    if progress is not None:
+        progress.data_loaded(setting, sum(len(s) for s in sites), len(heldout), heldout.labels[0].size)
+    phase(f"{setting.name}: generators")
     g_async, g_central = _train_generators(setting, opts, pool, data, np.concatenate([s.labels for s in sites]))
     gen_wall = time.perf_counter() - t0
 
@@ -197,6 +203,7 @@ def evaluate_setting(
     syn_central = synthetic_sites(sites, g_central.synth_train[final], "centralised")
     conditions = training_conditions(sites, syn_async, syn_central, g_async, final, opts.augment)
     t1 = time.perf_counter()
+    phase(f"{setting.name}: segmenters")
     by_key, shifted_by_key = run_segmenters(
         setting.name, conditions, opts.seeds, heldout, setting.seg, data.shifted, pool
     )
@@ -211,8 +218,11 @@ def evaluate_setting(
         "centralised": image_similarity(g_central.synth_heldout, heldout.images),
     }
     t2 = time.perf_counter()
+    phase(f"{setting.name}: memorisation audit")
     memo = _audits((g_async, g_central), conditions["a"][1].images, heldout.images, final, opts, pool)
     audit_wall = time.perf_counter() - t2
+    if progress is not None:
+        progress.audits_done(setting)
     entry: dict[str, Any] = {
         **_describe(setting, data, (g_async, g_central)),
         "conditions": cond_json,
@@ -227,15 +237,8 @@ def evaluate_setting(
             "total": round(time.perf_counter() - t0, 1),
         },
     }
-    figure = {
-        "sites": sites,
-        "heldout": heldout,
-        "syn_async": syn_async,
-        "syn_central": syn_central,
-        "held_async": g_async.synth_heldout,
-        "held_central": g_central.synth_heldout,
-    }
-    return entry, figure
+    figure = {"sites": sites, "heldout": heldout, "syn_async": syn_async, "syn_central": syn_central}
+    return entry, {**figure, "held_async": g_async.synth_heldout, "held_central": g_central.synth_heldout}
 
 
 def _report_head(opts: EvalOptions, argv: Sequence[str]) -> dict[str, Any]:
@@ -269,17 +272,18 @@ def run_evaluation(
     start = time.perf_counter()
     report = _report_head(opts, argv)
     figures: dict[str, dict[str, Any]] = {}
-    pool = make_pool(opts.jobs, opts.threads)
-    try:
-        for s in settings:
-            entry, fig = evaluate_setting(s, opts, pool)
-            report["settings"][s.name] = entry
-            figures[s.name] = fig
-            if out is not None:  # keep partial results if a later setting fails
-                write_json_atomic(out / "eval.json", report)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    with EvalProgress(settings, opts) as progress:
+        pool = make_pool(opts.jobs, opts.threads, progress.queue)
+        try:
+            for s in settings:
+                entry, fig = evaluate_setting(s, opts, pool, progress)
+                report["settings"][s.name] = entry
+                figures[s.name] = fig
+                if out is not None:  # keep partial results if a later setting fails
+                    write_json_atomic(out / "eval.json", report)
+        finally:
+            if pool is not None:
+                pool.shutdown()
     report["seconds"] = round(time.perf_counter() - start, 1)
     if out is not None:
         write_json_atomic(out / "eval.json", report)

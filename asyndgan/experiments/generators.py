@@ -13,6 +13,7 @@ import torch
 
 from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
 from asyndgan.data import SiteData
+from asyndgan.experiments import eval_progress
 from asyndgan.experiments.datasets import pool_sites
 from asyndgan.experiments.settings import Setting
 from asyndgan.local import InProcessSites, LocalRun, build_trainers, run_steps
@@ -41,6 +42,7 @@ def train_generator(
     def on_step(it: int, step_seconds: float, outcome: StepOutcome) -> None:
         nonlocal seconds
         seconds += step_seconds
+        eval_progress.advance(eval_progress.GEN_STEP_UNITS)
         if it % 50 == 0 or it == run.iterations:
             log.info(
                 "G %s step %d/%d loss %.3f (%.1f s)", sites[0].name, it, run.iterations, outcome.generator_loss, seconds

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from asyndgan.data import SiteData
+from asyndgan.experiments import eval_progress
 from asyndgan.experiments.datasets import pool_sites, synthetic_sites
 from asyndgan.experiments.generators import GeneratorRun
 from asyndgan.experiments.segmenter import SegConfig, evaluate_dice, train_segmenter
@@ -47,21 +48,25 @@ class SegTask:
     shifted: SiteData | None = None
 
 
-def _init_worker(threads: int, log_level: int) -> None:
-    """Worker process entry: its torch thread budget, and log lines in the parent's format on stderr."""
+def _init_worker(threads: int, log_level: int, progress: Any = None) -> None:
+    """Worker process entry: its torch thread budget, log lines in the parent's format on stderr, and the queue
+    that takes its progress reports (:mod:`.eval_progress`)."""
     torch.set_num_threads(max(1, threads))
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s", force=True)
+    if progress is not None:
+        eval_progress.init_worker(progress)
 
 
-def make_pool(jobs: int, threads: int) -> cf.Executor | None:
-    """``jobs`` spawned worker processes sharing ``threads`` torch threads, or None for ``jobs`` <= 1."""
+def make_pool(jobs: int, threads: int, progress: Any = None) -> cf.Executor | None:
+    """``jobs`` spawned worker processes sharing ``threads`` torch threads, or None for ``jobs`` <= 1; they report
+    progress to the queue ``progress`` (:attr:`.eval_progress.EvalProgress.queue`) when given."""
     if jobs <= 1:
         return None
     return cf.ProcessPoolExecutor(
         max_workers=jobs,
         mp_context=mp.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(max(1, threads // jobs), logging.getLogger().getEffectiveLevel()),
+        initargs=(max(1, threads // jobs), logging.getLogger().getEffectiveLevel(), progress),
     )
 
 
@@ -81,6 +86,7 @@ def seg_task(task: SegTask) -> tuple[list[float], list[float] | None]:
         f"; shifted {np.mean(shifted):.3f}" if shifted is not None else "",
         time.perf_counter() - t,
     )
+    eval_progress.advance(task.cfg.steps)
     return dice, shifted
 
 

@@ -2,10 +2,12 @@
 
 check_rendered.py manifests OUT.json RENDERED.yaml...   (needs PyYAML: the tools venv)
     cross-references inside each release (selectors, ports, volumes, probes vs TLS, NetworkPolicy, ServiceMonitor,
-    dashboard) and writes each Deployment's container args to OUT.json. A dial-out discriminator (--connect) must
-    open no gRPC port anywhere (no --listen, no grpc containerPort, no Service port, no grpc probe), and its
-    NetworkPolicy must admit no ingress but metrics and allow egress only to the generator's port and DNS.
-    The releases given must include a dial-in and a dial-out discriminator and a generator with both kinds of site.
+    PrometheusRule, dashboard, the `helm test` Pod) and writes each Deployment's container args to OUT.json, and
+    each PrometheusRule's groups to rules-RELEASE.yml beside it (for `promtool check rules`). A dial-out
+    discriminator (--connect) must open no gRPC port anywhere (no --listen, no grpc containerPort, no Service port,
+    no grpc probe), and its NetworkPolicy must admit no ingress but metrics and allow egress only to the
+    generator's port and DNS. The releases given must include a dial-in and a dial-out discriminator, a generator
+    with both kinds of site, and `helm test` Pods of both kinds (gRPC health, metrics).
 check_rendered.py cli-args OUT.json                     (needs asyndgan: the project venv)
     parses those args with the real `asyndgan` argument parser, so the chart cannot drift from the CLI, under the
     environment the container gets (the image's ASYNDGAN_* ENV from deploy/docker/Dockerfile, then the pod's env):
@@ -59,6 +61,88 @@ def check_dial_out_policy(
         problems.check(rule in to_generator or dns, name, f"dial-out egress other than the generator and DNS: {rule}")
 
 
+def hook(doc: dict[str, Any]) -> str:
+    return str(doc["metadata"].get("annotations", {}).get("helm.sh/hook", ""))
+
+
+def check_pod_security(where: str, pspec: dict[str, Any], container: dict[str, Any], problems: Problems) -> None:
+    problems.check(pspec.get("securityContext", {}).get("runAsNonRoot") is True, where, "pod runAsNonRoot")
+    sc = container.get("securityContext", {})
+    problems.check(sc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem")
+    problems.check(sc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation: false")
+    problems.check("ALL" in sc.get("capabilities", {}).get("drop", []), where, "capabilities.drop ALL")
+
+
+def check_test_pod(
+    name: str,
+    pod: dict[str, Any],
+    by_kind: dict[str, list[dict[str, Any]]],
+    workload: tuple[dict[str, int], list[str | None], bool, str],
+    problems: Problems,
+) -> str:
+    """The `helm test` Pod: locked down like the workload, selected by no Service or NetworkPolicy as the workload,
+    checking the release's own Service (gRPC health, with the workload's TLS files) or, for a dial-out site, its
+    metrics Service; the discriminator's NetworkPolicy admits it to that port. Returns "grpc" or "metrics"."""
+    ports, tls, dial_out, role = workload
+    where = f"{name}/Pod/{pod['metadata']['name']}"
+    spec, labels = pod["spec"], pod["metadata"]["labels"]
+    (container,) = spec["containers"]
+    check_pod_security(where, spec, container, problems)
+    problems.check(spec.get("restartPolicy") == "Never", where, "restartPolicy: Never")
+    problems.check(spec.get("automountServiceAccountToken") is False, where, "automountServiceAccountToken: false")
+    for kind in ("Service", "NetworkPolicy"):
+        for d in by_kind.get(kind, []):
+            sel = d["spec"].get("selector") or d["spec"].get("podSelector", {}).get("matchLabels", {})
+            problems.check(not subset(sel, labels), where, f"{kind} {d['metadata']['name']} selects the test Pod")
+    cmd = container.get("command", [])
+    services = {svc["metadata"]["name"]: svc for svc in by_kind.get("Service", [])}
+    if dial_out:
+        url = next((c for c in cmd if c.startswith("http://")), "")
+        host, _, port = url[len("http://") :].partition("/")[0].partition(":")
+        svc = services.get(host.split(".")[0], {})
+        problems.check(svc and int(port) == ports.get("metrics"), where, f"test URL {url} is not the metrics Service")
+        kind, port_name = "metrics", "metrics"
+    else:
+        address = next((c[len("--address=") :] for c in cmd if c.startswith("--address=")), "")
+        host, _, port = address.rpartition(":")
+        svc = services.get(host.split(".")[0], {})
+        grpc_ports = [sp["port"] for sp in svc.get("spec", {}).get("ports", []) if sp["name"] == "grpc"]
+        problems.check(grpc_ports == [int(port or 0)], where, f"test address {address} is not the gRPC Service")
+        problems.check(f"--service=asyndgan.v1.{role.capitalize()}" in cmd, where, "test checks another service")
+        for f, v in zip(("cert", "key", "ca"), tls, strict=True):
+            problems.check((f"--tls-{f}={v}" in cmd) == bool(v), where, f"test --tls-{f} differs from the workload")
+        kind, port_name = "grpc", "grpc"
+    if role == "discriminator":
+        for np in by_kind.get("NetworkPolicy", []):
+            admits = [
+                r
+                for r in np["spec"].get("ingress", [])
+                if {"port": port_name, "protocol": "TCP"} in r.get("ports", [])
+                and any(subset(p.get("podSelector", {}).get("matchLabels", {}) or {"-": "-"}, labels)
+                        for p in r.get("from", []) if "namespaceSelector" not in p)
+            ]  # fmt: skip
+            problems.check(admits, where, f"NetworkPolicy does not admit the test Pod to port {port_name}")
+    return kind
+
+
+def check_rules(name: str, rule: dict[str, Any], job: str, problems: Problems) -> None:
+    """Every selector of every alert is scoped to one namespace and to the generator's job (its Service name)."""
+    import re
+
+    scopes = set()
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            where = f"{name}/PrometheusRule/{r.get('alert', r.get('record'))}"
+            problems.check(r.get("labels", {}).get("severity"), where, "alert without a severity label")
+            selectors = re.findall(r"\b(asyndgan_[a-z_]+)(\{[^}]*\})?", r["expr"])
+            problems.check(selectors, where, "no asyndgan series")
+            for metric, sel in selectors:
+                m = re.match(r'\{namespace="([^"]+)", job="([^"]+)"', sel)
+                problems.check(m and m.group(2) == job, where, f"{metric}{sel} is not scoped to job {job}")
+                scopes.add(m.group(1) if m else "")
+    problems.check(len(scopes) == 1, name, f"PrometheusRule selectors name namespaces {sorted(scopes)}")
+
+
 def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> list[dict[str, Any]]:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for d in docs:
@@ -76,16 +160,11 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
             spec.get("replicas") == 1 and spec["strategy"]["type"] == "Recreate", where, "1 replica, Recreate"
         )
         pspec = pod["spec"]
-        psc = pspec.get("securityContext", {})
-        problems.check(psc.get("runAsNonRoot") is True, where, "pod securityContext.runAsNonRoot")
         (container,) = pspec["containers"]
         role = container["name"]
         problems.check(role in ("generator", "discriminator"), where, f"container name {role!r} is not a role")
         problems.check(labels.get("app.kubernetes.io/component") == role, where, "component label != role")
-        sc = container.get("securityContext", {})
-        problems.check(sc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem")
-        problems.check(sc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation: false")
-        problems.check("ALL" in sc.get("capabilities", {}).get("drop", []), where, "capabilities.drop ALL")
+        check_pod_security(where, pspec, container, problems)
         volumes = {v["name"]: v for v in pspec.get("volumes", [])}
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         for m in mounts.values():
@@ -202,6 +281,15 @@ def check_release(name: str, docs: list[dict[str, Any]], problems: Problems) -> 
             )
             sport_names = {p["name"] for p in services[0]["spec"]["ports"]}
             problems.check(all(e["port"] in sport_names for e in sm["spec"]["endpoints"]), name, "ServiceMonitor port")
+        test_pods = [p for p in by_kind.get("Pod", []) if hook(p) == "test"]
+        problems.check(len(test_pods) <= 1, name, "more than one helm test Pod")
+        for pod in test_pods:
+            out[-1]["test"] = check_test_pod(name, pod, by_kind, (ports, tls, dial_out, role), problems)
+        for rule in by_kind.get("PrometheusRule", []):
+            problems.check(role == "generator", name, "PrometheusRule in a discriminator release")
+            problems.check(services, name, "PrometheusRule without a metrics Service (job label)")
+            if services:
+                check_rules(name, rule, services[0]["metadata"]["name"], problems)
         for cm in by_kind.get("ConfigMap", []):
             if cm["metadata"]["name"].endswith("-dashboard"):
                 problems.check(cm["metadata"]["labels"].get("grafana_dashboard") == "1", name, "dashboard label")
@@ -221,11 +309,16 @@ def cmd_manifests(out_path: str, files: list[str]) -> int:
     for f in files:
         docs = [d for d in yaml.safe_load_all(Path(f).read_text()) if d]
         results += check_release(Path(f).stem, docs, problems)
+        for rule in (d for d in docs if d["kind"] == "PrometheusRule"):
+            dump = Path(out_path).with_name(f"rules-{Path(f).stem}.yml")
+            dump.write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
     # Coverage: the checks above only mean something if both transport modes were rendered.
     seen = {(r["role"], k) for r in results for k in r["kinds"]}
     for want in [("discriminator", "dial-in"), ("discriminator", "dial-out"), ("generator", "dial-in"),
                  ("generator", "dial-out")]:  # fmt: skip
         problems.check(want in seen, "coverage", f"no rendered {want[0]} with a {want[1]} site")
+    tests = {r.get("test") for r in results}
+    problems.check({"grpc", "metrics"} <= tests, "coverage", f"helm test Pods rendered: {sorted(map(str, tests))}")
     Path(out_path).write_text(json.dumps(results, indent=1))
     for p in problems:
         print(f"check_rendered: {p}", file=sys.stderr)

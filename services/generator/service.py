@@ -121,6 +121,8 @@ class GeneratorService:
         links = [SiteLink.dial(name, addr, cfg.tls) if addr else SiteLink.joined(name) for name, addr in cfg.sites]
         orch = Orchestrator(links, cfg.orchestrator, observer, training_settings(cfg.net, cfg.train))
         service = cls(cfg, orch)
+        if registry is not None:
+            metrics.track(service.status)  # G's step and target, each site's state, read at scrape time
         joined = {lk.name: lk.transport for lk in links if isinstance(lk.transport, JoinedSite)}
         ckpt = cfg.checkpoint_dir / CHECKPOINT_FILE
         remove_stale_temp(ckpt)
@@ -239,7 +241,7 @@ class GeneratorService:
         target = self.cfg.iterations if until is None else until
         l1_start = self._l1()
         start_step = self.gen.steps
-        progress = Progress(target)
+        progress = Progress(target, start=start_step)
         self.training = True
         self.step_seconds = []
         t0 = time.perf_counter()

@@ -6,9 +6,13 @@ promtool and prometheus come from the Debian package ``prometheus``; without the
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,6 +38,7 @@ from asyndgan import codec
 from asyndgan.algorithm import site_seed
 from asyndgan.clients.generator_client import GeneratorClient
 from asyndgan.metrics import DROP_REASONS, MetricsHttpServer, make_registry, start_metrics_http
+from asyndgan.report import Progress
 from asyndgan.rpc import Server
 from asyndgan.services.discriminator.service import DiscriminatorConfig, start_discriminator
 from asyndgan.services.discriminator.site import Site
@@ -48,6 +53,7 @@ pytestmark = pytest.mark.prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "asyndgan.json"
+RULES = ROOT / "deploy" / "k8s" / "asyndgan" / "rules" / "asyndgan.rules.yml"
 SITES = ("hospital-0", "hospital-1")
 RATE_WINDOW = "1m"
 
@@ -173,6 +179,10 @@ def test_summary_bytes_agree_with_metrics(trained: tuple[Cluster, dict[str, Any]
     assert value(reg, "asyndgan_iterations_total") == steps == 6
     assert value(reg, "asyndgan_step_duration_seconds_count") == steps
     assert value(reg, "asyndgan_sites_active") == 2 == value(reg, "asyndgan_sites_configured")
+    assert value(reg, "asyndgan_generator_step") == summary["iterations"] == value(reg, "asyndgan_target_steps") == 6
+    for name in SITES:
+        assert value(reg, "asyndgan_site_active", site=name) == 1
+        assert value(reg, "asyndgan_site_finished", site=name) == 0
     assert value(reg, "asyndgan_loss", network="G", site="all", modality="", term="total") == pytest.approx(
         summary["generator_loss"]
     )
@@ -273,9 +283,65 @@ def test_promtool_check_metrics_on_both_services(trained: tuple[Cluster, dict[st
                 "asyndgan_iterations",
                 "asyndgan_sites_active",
                 "asyndgan_site_dropped",
+                "asyndgan_generator_step",
+                "asyndgan_target_steps",
+                "asyndgan_site_active",
+                "asyndgan_site_finished",
             } <= names
         else:
             assert "asyndgan_site_steps" in names
+
+
+def test_step_gauge_carries_on_after_a_restart(trained: tuple[Cluster, dict[str, Any]]) -> None:
+    """A generator resumed from the checkpoint: its iterations counter starts again at 0, its step gauge does not."""
+    cluster, summary = trained
+    stop = threading.Event()
+    stop.set()  # G is built from the checkpoint; then no waiting for the sites (nothing listens at port 9)
+    sites = tuple((name, "127.0.0.1:9") for name, _ in cluster.gen.cfg.sites)
+    cfg = dataclasses.replace(cluster.gen.cfg, sites=sites, resume=True, iterations=50, out=None, port_file=None)
+    reg = make_registry("generator", process=False)
+    gen = GeneratorService.start(cfg, registry=reg, stop=stop)
+    try:
+        assert value(reg, "asyndgan_generator_step") == summary["iterations"] == 6
+        assert value(reg, "asyndgan_target_steps") == 50
+        assert value(reg, "asyndgan_iterations_total") == 0
+    finally:
+        gen.stop(grace=0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_are_rate_limited_with_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    p = Progress(1000, start=200, interval=10, bar=False, stream=io.StringIO(), clock=clock)
+    with caplog.at_level(logging.INFO, logger="asyndgan.report"):
+        for step in range(201, 1001):  # 2 steps per second, resumed at step 200
+            clock.now += 0.5
+            p.update(step, g_loss=0.5)
+            if step == 600:
+                assert p.rate == pytest.approx(2.0) and p.eta == pytest.approx(200.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert 40 <= len(lines) <= 42, lines  # 400 s: one line per 10 s (+ the first and the last), not one per step
+    assert lines[-1].startswith("step 1000/1000 (100%), 2 it/s, elapsed 6m40s, ETA 0s g_loss=0.5"), lines[-1]
+    assert "step 201/1000 (20%)" in lines[0] and "ETA 6m40s" in lines[0]
+
+    caplog.clear()
+    clock.now = 0.0
+    q = Progress(10, what="eval", unit="units", interval=30, bar=False, stream=io.StringIO(), clock=clock)
+    with caplog.at_level(logging.INFO, logger="asyndgan.report"):
+        q.update(0, phase="easy: generators")
+        q.advance(0)  # same phase, within 30 s: no line
+        clock.now = 10.0
+        q.advance(2, phase="easy: segmenters")  # a new phase: a line at once
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("eval [easy: generators] 0/10 (0%)") and "ETA ?" in lines[0]
+    assert lines[1].startswith("eval [easy: segmenters] 2/10 (20%), 0.2 units/s, elapsed 10s, ETA 40s"), lines[1]
 
 
 # -- health ----------------------------------------------------------------------------------------------
@@ -372,9 +438,16 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     return [(f"{p['title']} / {t['refId']}", t["expr"]) for p in dashboard()["panels"] for t in p.get("targets", [])]
 
 
+DASHBOARD_VARIABLES = ("namespace", "job", "site")  # each with All = ".*"
+SCOPE = 'namespace=~"$namespace", job=~"$job"'
+SELECTOR = re.compile(r"\b((?:asyndgan|grpc_server)_[a-z_]+)(\{[^}]*\})?")
+
+
 def concrete(expr: str) -> str:
-    """What Grafana sends for this expr with site=All over a short range."""
-    out = expr.replace("$__rate_interval", RATE_WINDOW).replace("${site}", ".*").replace("$site", ".*")
+    """What Grafana sends for this expr with every variable at All over a short range."""
+    out = expr.replace("$__rate_interval", RATE_WINDOW)
+    for name in DASHBOARD_VARIABLES:
+        out = out.replace(f"${{{name}}}", ".*").replace(f"${name}", ".*")
     assert "$" not in out, out
     return out
 
@@ -384,9 +457,13 @@ def test_dashboard_model_is_complete() -> None:
     assert model["uid"] and model["title"] and model["schemaVersion"] >= 30
     variables = {v["name"]: v for v in model["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    site = variables["site"]
-    assert site["type"] == "query" and site["multi"] and site["includeAll"] and site["allValue"] == ".*"
-    assert "label_values(" in site["query"]["query"] and ", site)" in site["query"]["query"]
+    assert [v["name"] for v in model["templating"]["list"]] == ["datasource", *DASHBOARD_VARIABLES]
+    for name in DASHBOARD_VARIABLES:  # two releases in one Prometheus are told apart by namespace and job
+        v = variables[name]
+        assert v["type"] == "query" and v["multi"] and v["includeAll"] and v["allValue"] == ".*", name
+        assert v["query"]["query"].startswith("label_values(") and v["query"]["query"].endswith(f", {name})"), name
+    assert 'namespace=~"$namespace"' in variables["job"]["query"]["query"]
+    assert SCOPE in variables["site"]["query"]["query"]
     ids = [p["id"] for p in model["panels"]]
     assert len(ids) == len(set(ids)), "panel ids are unique"
     for p in model["panels"]:
@@ -394,6 +471,9 @@ def test_dashboard_model_is_complete() -> None:
         assert set(p["gridPos"]) == {"h", "w", "x", "y"} and p["targets"], p["title"]
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)) and all(t["expr"].strip() for t in p["targets"]), p["title"]
+        for t in p["targets"]:  # every series selector is scoped to the chosen namespace(s) and job(s)
+            for m in SELECTOR.finditer(t["expr"]):
+                assert (m.group(2) or "").startswith("{" + SCOPE), (p["title"], m.group(0))
     exprs = " ".join(e for _, e in dashboard_exprs())
     for needle in (
         "rate(asyndgan_wire_bytes_total",
@@ -406,6 +486,9 @@ def test_dashboard_model_is_complete() -> None:
         "asyndgan_loss",
         "asyndgan_sites_active",
         "asyndgan_site_dropped_total",
+        "asyndgan_generator_step",
+        "asyndgan_target_steps",
+        "asyndgan_site_active",
         'site=~"$site"',
         "[$__rate_interval]",
     ):
@@ -424,16 +507,114 @@ def test_dashboard_queries_pass_promtool_check_rules(tmp_path: Path) -> None:
     assert f"{len(dashboard_exprs())} rules found" in res.stdout
 
 
+# -- the alert rules (deploy/k8s/asyndgan/rules: the chart's PrometheusRule, or a plain rules file) -------
+
+
+def loaded_alert_rules(tmp: Path) -> dict[str, dict[str, Any]]:
+    """RULES as Prometheus itself loads them (the project has no YAML parser): by name, from /api/v1/rules."""
+    prom = Prometheus(tmp, {}, (RULES,))
+    try:
+        prom.wait("the alert rules loaded", lambda: len(prom.alert_rules()) == 2)
+        return prom.alert_rules()
+    finally:
+        prom.stop()
+
+
+def expected_annotations(rule: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:
+    """The rule's annotations with {{ $labels.X }} filled in (the only template they use)."""
+    fill = re.compile(r"\{\{ \$labels\.(\w+) \}\}")
+    return {k: fill.sub(lambda m: labels[m.group(1)], v) for k, v in rule["annotations"].items()}
+
+
+def alert_case(rule: dict[str, Any], eval_time: str, *fired: dict[str, str]) -> dict[str, Any]:
+    exp = [
+        {
+            "exp_labels": {**labels, **rule["labels"]},
+            "exp_annotations": expected_annotations(rule, {**labels, **rule["labels"]}),
+        }
+        for labels in fired
+    ]
+    return {"eval_time": eval_time, "alertname": rule["name"], "exp_alerts": exp}
+
+
+def series(name: str, values: str, **labels: str) -> dict[str, str]:
+    inner = ", ".join(f'{k}="{v}"' for k, v in {"namespace": "ns", "job": "gen", **labels}.items())
+    return {"series": f"{name}{{{inner}}}", "values": values}
+
+
+def test_alert_rules_pass_promtool_check_and_fire_when_they_should(tmp_path: Path) -> None:
+    """SiteDown: a site left out for > 5 min, not a finished one, nothing once the target is reached.
+    NoProgress: G's step unchanged for 10 min below its target, not in a release's first 10 minutes."""
+    promtool = tool("promtool")
+    res = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "2 rules found" in res.stdout, res.stdout + res.stderr
+    rules = loaded_alert_rules(tmp_path)
+    down, stalled = rules["AsynDGANSiteDown"], rules["AsynDGANNoProgress"]
+    assert down["duration"] == 300 and down["labels"]["severity"] == "warning"
+    assert stalled["labels"]["severity"] == "critical"
+    a, gen = {"namespace": "ns", "job": "gen", "site": "a"}, {"namespace": "ns", "job": "gen"}
+    training = [  # a out from minute 2; b in; c finished (its budget spent); G stalls at step 5 from minute 5
+        series("asyndgan_site_active", "1 1 0x30", site="a"),
+        series("asyndgan_site_active", "1x32", site="b"),
+        series("asyndgan_site_active", "0x32", site="c"),
+        *(series("asyndgan_site_finished", "0x32", site=s) for s in "ab"),
+        series("asyndgan_site_finished", "1x32", site="c"),
+        series("asyndgan_target_steps", "100x32"),
+        series("asyndgan_generator_step", "0+1x5 5x27"),
+    ]
+    finished = [  # every site has spent its budget at step 40: training ends there by design
+        *(series("asyndgan_site_active", "0x32", site=s) for s in "ab"),
+        *(series("asyndgan_site_finished", "1x32", site=s) for s in "ab"),
+        series("asyndgan_target_steps", "100x32"),
+        series("asyndgan_generator_step", "40x32"),
+    ]
+    done = [  # target reached; a site that went away afterwards does not matter
+        series("asyndgan_site_active", "0x32", site="a"),
+        series("asyndgan_site_finished", "0x32", site="a"),
+        series("asyndgan_target_steps", "100x32"),
+        series("asyndgan_generator_step", "100x32"),
+    ]
+    young = [series("asyndgan_target_steps", "100x8"), series("asyndgan_generator_step", "0x8")]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": training,
+            "alert_rule_test": [
+                alert_case(down, "6m"),  # out for 4 minutes: not yet
+                alert_case(down, "8m", a),
+                alert_case(stalled, "12m"),  # unchanged for 7 minutes: not yet
+                alert_case(stalled, "17m", gen),
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": finished,
+            "alert_rule_test": [alert_case(down, "20m"), alert_case(stalled, "20m")],
+        },
+        {
+            "interval": "1m",
+            "input_series": done,
+            "alert_rule_test": [alert_case(down, "20m"), alert_case(stalled, "20m")],
+        },
+        {"interval": "1m", "input_series": young, "alert_rule_test": [alert_case(stalled, "8m")]},
+    ]
+    spec = tmp_path / "alerts.test.yml"
+    spec.write_text(json.dumps({"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": tests}))
+    res = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 # -- a real Prometheus scraping a real training run -----------------------------------------------------
 
 
 class Prometheus:
     """prometheus on 127.0.0.1 with a temp config and data dir, scraping every second."""
 
-    def __init__(self, tmp: Path, jobs: dict[str, list[int]]) -> None:
+    def __init__(self, tmp: Path, jobs: dict[str, list[int]], rule_files: tuple[Path, ...] = ()) -> None:
         binary = tool("prometheus")
         lines = ["global:", "  scrape_interval: 1s", "  scrape_timeout: 1s", "  evaluation_interval: 1s"]
-        lines.append("scrape_configs:")
+        lines.append(f"rule_files: {json.dumps([str(f) for f in rule_files])}")
+        lines.append("scrape_configs:" if jobs else "scrape_configs: []")
         for job, ports in jobs.items():
             targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
             lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: [{targets}]"]
@@ -479,6 +660,11 @@ class Prometheus:
             time.sleep(0.25)
         pytest.fail(f"prometheus: {what} within {timeout:.0f} s; log: {self.log.read_text()[-2000:]}")
 
+    def alert_rules(self) -> dict[str, dict[str, Any]]:
+        """The alerting rules Prometheus loaded, by name: query, duration (s), labels, annotations, health."""
+        groups = self.api("/api/v1/rules", type="alert")["groups"]
+        return {r["name"]: r for g in groups for r in g["rules"]}
+
     def all_targets_up(self) -> bool:
         targets = self.api("/api/v1/targets")["activeTargets"]
         return len(targets) == self.expected_targets and all(t["health"] == "up" for t in targets)
@@ -509,6 +695,7 @@ def test_prometheus_scrapes_training_and_dashboard_returns_data(tmp_path: Path) 
                 "asyndgan-generator": [ports["generator"]],
                 "asyndgan-discriminator": [ports[n] for n in SITES],
             },
+            (RULES,),
         )
         prom.wait("all targets up", prom.all_targets_up)
         # Training starts only after a first scrape, so every counter has a sample from before it.
@@ -543,6 +730,14 @@ def test_prometheus_scrapes_training_and_dashboard_returns_data(tmp_path: Path) 
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
         ratio = prom.query(concrete(next(e for t, e in dashboard_exprs() if t.startswith("Compression ratio"))))
         assert all(float(r["value"][1]) > 1 for r in ratio), ratio
+        progress = by_site(prom.query("asyndgan_generator_step / asyndgan_target_steps"), "job")
+        assert progress == {("asyndgan-generator",): 1.0}, progress
+        # A healthy run: the alert rules evaluate without error on the real series and nothing fires.
+        prom.wait("the alert rules evaluated", lambda: all(r["health"] == "ok" for r in prom.alert_rules().values()))
+        for name, rule in prom.alert_rules().items():
+            assert rule["state"] == "inactive" and prom.query(rule["query"]) == [], name
+        active = by_site(prom.query('max by (site) (asyndgan_site_active{namespace=~".*", job=~".*"})'), "site")
+        assert active == {(s,): 1.0 for s in SITES}, active
         rate = prom.query(f"sum(rate(asyndgan_iterations_total[{RATE_WINDOW}]))")
         assert float(rate[0]["value"][1]) > 0
         step = prom.query(

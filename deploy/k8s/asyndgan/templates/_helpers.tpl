@@ -103,6 +103,36 @@ asyndgan.io/site: {{ required "discriminator.siteId is required for role=discrim
 {{- else }}{{ .Values.discriminator.siteId }}{{ end }}
 {{- end }}
 
+{{/* The TLS Secret(s) as the pod volume "tls" (mounted at asyndgan.tlsDir): tls.crt, tls.key and ca.crt. */}}
+{{- define "asyndgan.tlsVolume" -}}
+- name: tls
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ .Values.tls.secretName }}
+          items:
+            - {key: tls.crt, path: tls.crt}
+            - {key: tls.key, path: tls.key}
+            {{- if not .Values.tls.caSecretName }}
+            - {key: ca.crt, path: ca.crt}
+            {{- end }}
+      {{- with .Values.tls.caSecretName }}
+      - secret:
+          name: {{ . }}
+          items:
+            - {key: ca.crt, path: ca.crt}
+      {{- end }}
+{{- end }}
+
+{{/* The `helm test` Pod's selector labels (its own component: no Service or NetworkPolicy of the release selects
+     it as the workload; the discriminator's NetworkPolicy admits it by these labels). */}}
+{{- define "asyndgan.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "asyndgan.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
 {{- define "asyndgan.tlsArgs" -}}
 {{- if .Values.tls.enabled }}
 - --tls-cert={{ include "asyndgan.tlsDir" . }}/tls.crt
