@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 
-.PHONY: system-deps setup protos check-protos demo train-local test test-fast lint format bench clean
+.PHONY: system-deps setup protos check-protos check-proto-compat demo train-local test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy asyndgan services clients
+	cd protos && ../$(VENV)/bin/buf lint
+
+# The wire contract stays compatible with the previous commit (buf's FILE rules); CI runs it.
+check-proto-compat: setup
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		cd protos && ../$(VENV)/bin/buf breaking --against '../.git#ref=HEAD~1,subdir=protos'; \
+	else echo "check-proto-compat: no previous commit here (shallow clone?): skipped"; fi
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -55,15 +55,15 @@ class LimitExceeded(CodecError):
 
 
 # Codec dtype name -> (wire dtype, torch dtype cast to).
-_FLOATS: dict[str, tuple[tensor_pb2.DType.ValueType, torch.dtype]] = {
-    "f32": (tensor_pb2.FLOAT32, torch.float32),
-    "bf16": (tensor_pb2.BFLOAT16, torch.bfloat16),
-    "f16": (tensor_pb2.FLOAT16, torch.float16),
+_FLOATS: dict[str, tuple[tensor_pb2.Dtype.ValueType, torch.dtype]] = {
+    "f32": (tensor_pb2.DTYPE_FLOAT32, torch.float32),
+    "bf16": (tensor_pb2.DTYPE_BFLOAT16, torch.bfloat16),
+    "f16": (tensor_pb2.DTYPE_FLOAT16, torch.float16),
 }
 _COMPRESSIONS: dict[str, tensor_pb2.Compression.ValueType] = {
     "none": tensor_pb2.COMPRESSION_NONE,
-    "zstd": tensor_pb2.ZSTD,
-    "lz4": tensor_pb2.LZ4,
+    "zstd": tensor_pb2.COMPRESSION_ZSTD,
+    "lz4": tensor_pb2.COMPRESSION_LZ4,
 }
 _ALIASES = {"raw": "f32", "labels": "u8+zstd"}
 _MIN_ZSTD_LEVEL = -(1 << 17)
@@ -75,10 +75,10 @@ _SPEC_HELP = (
 
 # Wire dtype -> bytes per element after decompression (before unpacking bits).
 _ITEMSIZE: dict[int, int] = {
-    tensor_pb2.FLOAT32: 4,
-    tensor_pb2.BFLOAT16: 2,
-    tensor_pb2.FLOAT16: 2,
-    tensor_pb2.UINT8: 1,
+    tensor_pb2.DTYPE_FLOAT32: 4,
+    tensor_pb2.DTYPE_BFLOAT16: 2,
+    tensor_pb2.DTYPE_FLOAT16: 2,
+    tensor_pb2.DTYPE_UINT8: 1,
 }
 _PACK_BITS = (0, 1, 2, 4)
 _MINMAX_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -258,7 +258,7 @@ def encode(x: torch.Tensor | np.ndarray, codec: Codec | str = IMAGE_CODEC) -> te
     bits = 0
     shuffled = False
     if codec.dtype == "u8":
-        wire_dtype = tensor_pb2.UINT8
+        wire_dtype = tensor_pb2.DTYPE_UINT8
         packed, bits = _label_payload(t)
     else:
         wire_dtype, target = _FLOATS[codec.dtype]
@@ -293,9 +293,9 @@ def _check_header(msg: tensor_pb2.Tensor, limits: Limits) -> tuple[int, ...]:
     bits = msg.bits
     if bits not in _PACK_BITS:
         raise CodecError(f"bits must be one of {_PACK_BITS}, got {bits}")
-    if bits and msg.dtype != tensor_pb2.UINT8:
+    if bits and msg.dtype != tensor_pb2.DTYPE_UINT8:
         raise CodecError("bit packing applies only to UINT8")
-    if msg.shuffled and msg.dtype == tensor_pb2.UINT8:
+    if msg.shuffled and msg.dtype == tensor_pb2.DTYPE_UINT8:
         raise CodecError("byte shuffling applies only to float dtypes")
     shape = tuple(msg.shape)
     if len(shape) > limits.max_dims:
@@ -316,13 +316,15 @@ def _check_header(msg: tensor_pb2.Tensor, limits: Limits) -> tuple[int, ...]:
 def _decompress(msg: tensor_pb2.Tensor, limits: Limits) -> bytes | bytearray:
     """The payload of a header-checked message, decompressed to exactly raw_size bytes."""
     data, raw = msg.data, msg.raw_size
+    if msg.compression not in _COMPRESSIONS.values():
+        raise CodecError(f"unknown or unset compression {msg.compression}")
     if msg.compression == tensor_pb2.COMPRESSION_NONE:
         if len(data) != raw:
             raise CodecError(f"data length {len(data)} != raw_size {raw}")
         return data
     if len(data) > raw + raw // 64 + 1024:  # beyond the worst case of either compressor
         raise CodecError(f"compressed data of {len(data)} bytes is too long for raw_size {raw}")
-    if msg.compression == tensor_pb2.LZ4:
+    if msg.compression == tensor_pb2.COMPRESSION_LZ4:
         # lz4 expands at most 255x; checking that first keeps a small message from making
         # lz4.block allocate raw_size (twice: it copies its output buffer into the result).
         if raw > 256 * len(data):
@@ -363,19 +365,19 @@ def decode(msg: tensor_pb2.Tensor, limits: Limits = DEFAULT_LIMITS) -> torch.Ten
         arr = _unshuffle(arr, _ITEMSIZE[dtype])
     elif not arr.flags.writeable:
         arr = arr.copy()
-    if dtype == tensor_pb2.UINT8:
+    if dtype == tensor_pb2.DTYPE_UINT8:
         t = torch.from_numpy(arr)
-    elif dtype == tensor_pb2.FLOAT32:
+    elif dtype == tensor_pb2.DTYPE_FLOAT32:
         t = torch.from_numpy(arr.view(np.float32))
     else:
-        half = torch.bfloat16 if dtype == tensor_pb2.BFLOAT16 else torch.float16
+        half = torch.bfloat16 if dtype == tensor_pb2.DTYPE_BFLOAT16 else torch.float16
         t = torch.from_numpy(arr.view(np.int16)).view(half).to(torch.float32)
     return t.reshape(shape)
 
 
 def raw_nbytes(msg: tensor_pb2.Tensor) -> int:
     """Bytes of the message's tensor as plain float32 (float dtypes) or uint8 (UINT8)."""
-    return math.prod(msg.shape) * (1 if msg.dtype == tensor_pb2.UINT8 else 4)
+    return math.prod(msg.shape) * (1 if msg.dtype == tensor_pb2.DTYPE_UINT8 else 4)
 
 
 def wire_nbytes(msg: tensor_pb2.Tensor) -> int:

@@ -111,8 +111,8 @@ def privacy_from_proto(m: dpb.Privacy) -> PrivacyState:
 # -- Describe / Status ---------------------------------------------------------------------------------
 
 
-def site_info_to_proto(d: SiteDescription) -> dpb.SiteInfo:
-    return dpb.SiteInfo(
+def site_info_to_proto(d: SiteDescription) -> dpb.DescribeResponse:
+    return dpb.DescribeResponse(
         site_id=d.site_id,
         num_samples=d.num_samples,
         modalities=list(d.modalities),
@@ -126,7 +126,7 @@ def site_info_to_proto(d: SiteDescription) -> dpb.SiteInfo:
     )
 
 
-def site_info_from_proto(m: dpb.SiteInfo) -> SiteDescription:
+def site_info_from_proto(m: dpb.DescribeResponse) -> SiteDescription:
     return SiteDescription(
         site_id=m.site_id,
         num_samples=m.num_samples,
@@ -157,8 +157,8 @@ def settings_from_proto(m: dpb.TrainingSettings) -> TrainingSettings:
     return TrainingSettings(m.gan_mode, m.lambda_l1, m.lambda_gan, m.lr_d, m.discriminator_net, m.ndf, m.norm)
 
 
-def site_status_to_proto(s: SiteStatus) -> dpb.SiteStatus:
-    return dpb.SiteStatus(
+def site_status_to_proto(s: SiteStatus) -> dpb.StatusResponse:
+    return dpb.StatusResponse(
         site_id=s.site_id,
         steps=s.steps,
         last_losses=losses_to_proto(s.last_losses),
@@ -167,7 +167,7 @@ def site_status_to_proto(s: SiteStatus) -> dpb.SiteStatus:
     )
 
 
-def site_status_from_proto(m: dpb.SiteStatus) -> SiteStatus:
+def site_status_from_proto(m: dpb.StatusResponse) -> SiteStatus:
     return SiteStatus(m.site_id, m.steps, losses_from_proto(m.last_losses), m.serving, privacy_from_proto(m.privacy))
 
 
@@ -178,11 +178,11 @@ def describe_request_to_proto() -> dpb.DescribeRequest:
     return dpb.DescribeRequest()
 
 
-def batch_request_to_proto(label_codec: str | codec.Codec) -> dpb.BatchRequest:
-    return dpb.BatchRequest(label_codec=str(label_codec))
+def batch_request_to_proto(label_codec: str | codec.Codec) -> dpb.NextBatchRequest:
+    return dpb.NextBatchRequest(label_codec=str(label_codec))
 
 
-def batch_request_from_proto(m: dpb.BatchRequest) -> codec.Codec:
+def batch_request_from_proto(m: dpb.NextBatchRequest) -> codec.Codec:
     """The codec the caller wants label maps in (empty: the default)."""
     return codec_from_proto(m.label_codec, codec.LABEL_CODEC)
 
@@ -191,20 +191,20 @@ def checkpoint_request_to_proto() -> dpb.CheckpointRequest:
     return dpb.CheckpointRequest()
 
 
-def checkpoint_reply_to_proto(steps: int, file: str) -> dpb.CheckpointReply:
+def checkpoint_reply_to_proto(steps: int, file: str) -> dpb.CheckpointResponse:
     """``file`` is a file name only, never a path (nothing about the site's disk leaves it)."""
-    return dpb.CheckpointReply(steps=steps, file=file)
+    return dpb.CheckpointResponse(steps=steps, file=file)
 
 
-def checkpoint_reply_from_proto(m: dpb.CheckpointReply) -> tuple[int, str]:
+def checkpoint_reply_from_proto(m: dpb.CheckpointResponse) -> tuple[int, str]:
     return m.steps, m.file
 
 
 # -- label batches -------------------------------------------------------------------------------------
 
 
-def batch_to_proto(batch_id: int, labels: torch.Tensor, label_codec: codec.Codec) -> dpb.ConditionBatch:
-    return dpb.ConditionBatch(batch_id=batch_id, labels=codec.encode(labels, label_codec))
+def batch_to_proto(batch_id: int, labels: torch.Tensor, label_codec: codec.Codec) -> dpb.NextBatchResponse:
+    return dpb.NextBatchResponse(batch_id=batch_id, labels=codec.encode(labels, label_codec))
 
 
 def labels_from_tensor(
@@ -221,7 +221,7 @@ def labels_from_tensor(
     return labels
 
 
-def batch_from_proto(m: dpb.ConditionBatch, site: SiteDescription) -> tuple[int, torch.Tensor]:
+def batch_from_proto(m: dpb.NextBatchResponse, site: SiteDescription) -> tuple[int, torch.Tensor]:
     """(batch id, label maps) checked against the site's geometry, classes and batch size."""
     return m.batch_id, labels_from_tensor(m.labels, site.height, site.width, site.num_classes, site.batch_size)
 
@@ -251,8 +251,8 @@ def step_request_from_proto(m: dpb.StepRequest, site: SiteDescription) -> StepWo
     return StepWork(m.batch_id, fakes, tuple(m.modalities), m.step, grad_codec, label_codec)
 
 
-def step_reply_to_proto(a: StepAnswer, grad_codec: codec.Codec, label_codec: codec.Codec) -> dpb.StepReply:
-    return dpb.StepReply(
+def step_reply_to_proto(a: StepAnswer, grad_codec: codec.Codec, label_codec: codec.Codec) -> dpb.StepResponse:
+    return dpb.StepResponse(
         batch_id=a.batch_id,
         grad=codec.encode(a.grad, grad_codec),
         losses=losses_to_proto(a.losses),
@@ -261,7 +261,7 @@ def step_reply_to_proto(a: StepAnswer, grad_codec: codec.Codec, label_codec: cod
     )
 
 
-def step_reply_from_proto(m: dpb.StepReply, fakes: torch.Tensor, site: SiteDescription) -> StepAnswer:
+def step_reply_from_proto(m: dpb.StepResponse, fakes: torch.Tensor, site: SiteDescription) -> StepAnswer:
     """Decode a site's answer to ``fakes``: the gradient may not be larger than them (its shape is checked by
     the generator, which leaves a mis-shaped gradient out of the step)."""
     grad = codec.decode(m.grad, codec.Limits(max_elements=max(fakes.numel(), 1)))
@@ -287,8 +287,8 @@ def _site_state_to_proto(s: SiteState) -> gpb.SiteState:
     )
 
 
-def training_status_to_proto(t: TrainingState) -> gpb.TrainingStatus:
-    return gpb.TrainingStatus(
+def training_status_to_proto(t: TrainingState) -> gpb.GeneratorServiceStatusResponse:
+    return gpb.GeneratorServiceStatusResponse(
         step=t.step,
         target_steps=t.target_steps,
         training=t.training,
@@ -303,7 +303,7 @@ def training_status_to_proto(t: TrainingState) -> gpb.TrainingStatus:
     )
 
 
-def training_status_from_proto(m: gpb.TrainingStatus) -> TrainingState:
+def training_status_from_proto(m: gpb.GeneratorServiceStatusResponse) -> TrainingState:
     sites = [
         SiteState(
             s.site_id,
@@ -350,11 +350,11 @@ def synthesize_request_from_proto(
 
 def synthetic_batch_to_proto(
     images: torch.Tensor, modalities: Sequence[str], image_codec: codec.Codec
-) -> gpb.SyntheticBatch:
-    return gpb.SyntheticBatch(images=codec.encode(images, image_codec), modalities=list(modalities))
+) -> gpb.SynthesizeResponse:
+    return gpb.SynthesizeResponse(images=codec.encode(images, image_codec), modalities=list(modalities))
 
 
-def synthetic_batch_from_proto(m: gpb.SyntheticBatch) -> tuple[torch.Tensor, list[str]]:
+def synthetic_batch_from_proto(m: gpb.SynthesizeResponse) -> tuple[torch.Tensor, list[str]]:
     return codec.decode(m.images), list(m.modalities)
 
 
@@ -365,24 +365,24 @@ WORK_METHODS = {"Describe": "describe", "NextBatch": "next_batch", "Step": "step
 _METHOD_OF_FIELD = {f: m for m, f in WORK_METHODS.items()}
 
 
-def hello_to_proto(site_id: str, version: str) -> fpb.SiteMessage:
-    return fpb.SiteMessage(hello=fpb.Hello(site_id=site_id, version=version))
+def hello_to_proto(site_id: str, version: str) -> fpb.JoinRequest:
+    return fpb.JoinRequest(hello=fpb.Hello(site_id=site_id, version=version))
 
 
-def hello_from_proto(m: fpb.SiteMessage) -> tuple[str, str]:
+def hello_from_proto(m: fpb.JoinRequest) -> tuple[str, str]:
     """(site id, version) of a site's first message."""
     if m.WhichOneof("body") != "hello" or not m.hello.site_id:
         raise BadRequest("the first message on a Join stream must be a hello naming the site")
     return m.hello.site_id, m.hello.version
 
 
-def work_to_proto(call_id: int, method: str, request: Message) -> fpb.Work:
-    work = fpb.Work(call_id=call_id)
+def work_to_proto(call_id: int, method: str, request: Message) -> fpb.JoinResponse:
+    work = fpb.JoinResponse(call_id=call_id)
     getattr(work, WORK_METHODS[method]).CopyFrom(request)
     return work
 
 
-def work_from_proto(m: fpb.Work) -> tuple[int, str, Message]:
+def work_from_proto(m: fpb.JoinResponse) -> tuple[int, str, Message]:
     """(call id, Discriminator method name, its request)."""
     field = m.WhichOneof("body")
     if field is None:
@@ -392,16 +392,16 @@ def work_from_proto(m: fpb.Work) -> tuple[int, str, Message]:
 
 def site_message_to_proto(
     call_id: int, method: str, reply: Message | None, code: int = 0, error: str = ""
-) -> fpb.SiteMessage:
+) -> fpb.JoinRequest:
     """A site's answer to work item ``call_id``: ``reply``, or (``code``, ``error``) when it failed."""
     if reply is None:
-        return fpb.SiteMessage(call_id=call_id, error=fpb.WorkError(code=code, message=error[:500]))
-    msg = fpb.SiteMessage(call_id=call_id)
+        return fpb.JoinRequest(call_id=call_id, error=fpb.WorkError(code=code, message=error[:500]))
+    msg = fpb.JoinRequest(call_id=call_id)
     getattr(msg, WORK_METHODS[method]).CopyFrom(reply)
     return msg
 
 
-def site_message_from_proto(m: fpb.SiteMessage) -> tuple[int, Message | fpb.WorkError]:
+def site_message_from_proto(m: fpb.JoinRequest) -> tuple[int, Message | fpb.WorkError]:
     """(call id, the reply or the site's error); a message that answers nothing is a BadRequest."""
     field = m.WhichOneof("body")
     if field is None or field == "hello":

@@ -1,4 +1,4 @@
-"""Attacks on a running discriminator, speaking only the public ``asyndgan.v1.Discriminator`` API.
+"""Attacks on a running discriminator, speaking only the public ``asyndgan.v1.DiscriminatorService`` API.
 
 What a malicious (active) or curious (passive) generator can learn about a site's real images:
 
@@ -81,7 +81,7 @@ class SiteClient:
         self.timeout = timeout
         self.server_name = server_name
         self.channel = make_channel(target, tls=tls, server_name=server_name)
-        self.stub = dpb_grpc.DiscriminatorStub(self.channel)
+        self.stub = dpb_grpc.DiscriminatorServiceStub(self.channel)
         self._info: SiteDescription | None = None
 
     def _call(self, method: str, rpc: Callable[..., Any], request: object) -> Any:

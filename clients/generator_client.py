@@ -29,12 +29,12 @@ class GeneratorClient:
         image_codec: str = "f32",
     ) -> None:
         self.channel = make_channel(target, tls=tls, server_name=server_name)
-        self.stub = pb_grpc.GeneratorStub(self.channel)
+        self.stub = pb_grpc.GeneratorServiceStub(self.channel)
         self.timeout = timeout
         self.image_codec = image_codec
 
-    def status(self) -> pb.TrainingStatus:
-        return self.stub.Status(pb.GeneratorStatusRequest(), timeout=self.timeout)
+    def status(self) -> pb.GeneratorServiceStatusResponse:
+        return self.stub.Status(pb.GeneratorServiceStatusRequest(), timeout=self.timeout)
 
     def stream(self, batches: Iterable[np.ndarray | torch.Tensor]) -> Iterator[tuple[np.ndarray, list[str]]]:
         """One (images (B, C, H, W) float32 in [-1, 1], modality names) per label batch (B, H, W)."""

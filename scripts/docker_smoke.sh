@@ -167,7 +167,7 @@ if "$GRPCURL" -cacert "$TLS/ca.pem" -servername hospital-a -max-time 3 "127.0.0.
     grpc.health.v1.Health/Check >/dev/null 2>&1; then die "discriminator accepted a client without certificate"; fi
 # Only the generator's certificate may call the API: the hospital's own (same CA) gets PermissionDenied.
 denied=$("$GRPCURL" -cacert "$TLS/ca.pem" -cert "$TLS/hospital-a.pem" -key "$TLS/hospital-a.key" \
-    -servername hospital-a -max-time 5 "127.0.0.1:$DPORT" asyndgan.v1.Discriminator/Status 2>&1 || true)
+    -servername hospital-a -max-time 5 "127.0.0.1:$DPORT" asyndgan.v1.DiscriminatorService/Status 2>&1 || true)
 [[ $denied == *PermissionDenied* ]] || die "allow-list: another certificate of the CA was not refused: $denied"
 log "exec probe SERVING; client without certificate refused; non-generator certificate PermissionDenied"
 
@@ -200,7 +200,7 @@ run smoke-dialout "${hardened[@]}" -e ASYNDGAN_LISTEN= -v "$WORK/ckpt-dialout:/v
 
 gstatus() {
     "$GRPCURL" -cacert "$TLS/ca.pem" -cert "$TLS/hospital-a.pem" -key "$TLS/hospital-a.key" \
-        -servername generator -max-time 5 "127.0.0.1:$GPORT" asyndgan.v1.Generator/Status 2>&1 || true
+        -servername generator -max-time 5 "127.0.0.1:$GPORT" asyndgan.v1.GeneratorService/Status 2>&1 || true
 }
 status=""
 for _ in $(seq 300); do

@@ -89,7 +89,7 @@ def bytes_section(run: BenchRun) -> None:
                 "per round / steps per epoch."
                 for s in per_size
             ),
-            f"Project bytes: serialized StepRequest + StepReply of {b0['steps_measured']} real training steps "
+            f"Project bytes: serialized StepRequest + StepResponse of {b0['steps_measured']} real training steps "
             f"from initialisation; plot: {png}.",
         ],
     )

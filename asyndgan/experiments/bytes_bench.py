@@ -1,5 +1,5 @@
 """Bytes on the wire per step and per epoch for three ways of training the same models: the authors' raw
-float32 exchange, this project's default codecs (the real ``StepRequest``/``StepReply`` messages of a short
+float32 exchange, this project's default codecs (the real ``StepRequest``/``StepResponse`` messages of a short
 real training run, built and read by :mod:`asyndgan.wire`), and FedAvg of G+D."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _TENSORS = ("fakes", "grad", "labels")
 
 
 class WireSites(InProcessSites):
-    """In-process sites behind the real messages: per step every site's ``StepRequest`` and ``StepReply`` are
+    """In-process sites behind the real messages: per step every site's ``StepRequest`` and ``StepResponse`` are
     built and decoded by :mod:`asyndgan.wire` with the orchestrator's default codecs (the site trains on the
     fakes it received, G on the gradient it received), and their serialized bytes are counted as the generator
     counts them on the wire."""
@@ -44,7 +44,7 @@ class WireSites(InProcessSites):
         _, h, w = t.data.labels.shape
         return SiteDescription(f"site-{j}", len(t.data), t.modalities, h, w, t.num_classes, t.sampler.batch_size)
 
-    def _count(self, req: pb.StepRequest, reply: pb.StepReply, part: torch.Tensor, answer: StepAnswer) -> None:
+    def _count(self, req: pb.StepRequest, reply: pb.StepResponse, part: torch.Tensor, answer: StepAnswer) -> None:
         c = self.counts
         c["wire"] += req.ByteSize() + reply.ByteSize()
         c["fakes_wire"] += codec.wire_nbytes(req.fakes)
@@ -127,7 +127,7 @@ def bench_bytes(size: int, batch: int, sites: int, steps: int, threads: int) -> 
     """Bytes per step and per epoch on the wire for three ways of training the same models.
 
     * raw float32: the authors' exchange (fakes and gradients as float32, label maps as uint8);
-    * this project's default codecs: the real ``StepRequest``/``StepReply`` messages of a short real training
+    * this project's default codecs: the real ``StepRequest``/``StepResponse`` messages of a short real training
       run (real sites, real generator), serialized exactly as the generator counts them on the wire;
     * FedAvg of G+D: every round each site downloads and uploads G and its D(s) as float32.
 

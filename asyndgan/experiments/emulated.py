@@ -23,11 +23,11 @@ from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 
 __all__ = ["DISCRIMINATOR_SERVICE", "EmulatedSite", "emulated_sites", "serve_emulated"]
 
-DISCRIMINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Discriminator"].full_name
+DISCRIMINATOR_SERVICE = pb.DESCRIPTOR.services_by_name["DiscriminatorService"].full_name
 _LABEL_BATCHES = 8
 
 
-class EmulatedSite(pb_grpc.DiscriminatorServicer):
+class EmulatedSite(pb_grpc.DiscriminatorServiceServicer):
     """A site whose compute is a fixed sleep: Step returns a zero gradient of the right shape and the next
     batch of label maps (drawn from ``pool``). Measures the generator's orchestration, not D's compute.
 
@@ -67,16 +67,16 @@ class EmulatedSite(pb_grpc.DiscriminatorServicer):
     def _labels(self, batch_id: int) -> torch.Tensor:
         return self.label_batches[batch_id % _LABEL_BATCHES]
 
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.SiteInfo:
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
         return wire.site_info_to_proto(self.description)
 
-    def NextBatch(self, request: pb.BatchRequest, context: grpc.ServicerContext) -> pb.ConditionBatch:
+    def NextBatch(self, request: pb.NextBatchRequest, context: grpc.ServicerContext) -> pb.NextBatchResponse:
         with self.lock:
             spec = wire.codec_from_proto(request.label_codec, codec.LABEL_CODEC)
             k = self._advance()
             return self._cached(("batch", k, str(spec)), lambda: wire.batch_to_proto(k, self._labels(k), spec))
 
-    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         with self.lock:
             try:
                 work = wire.step_request_from_proto(request, self.description)
@@ -90,23 +90,23 @@ class EmulatedSite(pb_grpc.DiscriminatorServicer):
             self.steps += 1
             prev, nxt = work.batch_id, self._advance()
 
-            def reply() -> pb.StepReply:
+            def reply() -> pb.StepResponse:
                 zeros = torch.zeros(shape)
                 answer = StepAnswer(prev, zeros, [LossTerm("G", "", "total", 0.0)], nxt, self._labels(nxt))
                 return wire.step_reply_to_proto(answer, work.grad_codec, work.label_codec)
 
             return self._cached(("step", prev, shape, str(work.grad_codec), str(work.label_codec)), reply)
 
-    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
         return wire.checkpoint_reply_to_proto(self.steps, "")
 
-    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.SiteStatus:
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         return wire.site_status_to_proto(SiteStatus(self.site_id, self.steps, [], serving=True))
 
 
 def serve_emulated(site: EmulatedSite) -> Server:
     server = make_server(
-        "127.0.0.1:0", lambda s: pb_grpc.add_DiscriminatorServicer_to_server(site, s), [DISCRIMINATOR_SERVICE]
+        "127.0.0.1:0", lambda s: pb_grpc.add_DiscriminatorServiceServicer_to_server(site, s), [DISCRIMINATOR_SERVICE]
     )
     server.set_serving(True)
     return server

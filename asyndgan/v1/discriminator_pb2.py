@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from asyndgan.v1 import tensor_pb2 as asyndgan_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61syndgan/v1/discriminator.proto\x12\x0b\x61syndgan.v1\x1a\x18\x61syndgan/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xf5\x01\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t\x12%\n\x07privacy\x18\t \x01(\x0b\x32\x14.asyndgan.v1.Privacy\x12/\n\x08settings\x18\n \x01(\x0b\x32\x1d.asyndgan.v1.TrainingSettings\"\x8f\x01\n\x10TrainingSettings\x12\x10\n\x08gan_mode\x18\x01 \x01(\t\x12\x11\n\tlambda_l1\x18\x02 \x01(\x01\x12\x12\n\nlambda_gan\x18\x03 \x01(\x01\x12\x0c\n\x04lr_d\x18\x04 \x01(\x01\x12\x19\n\x11\x64iscriminator_net\x18\x05 \x01(\t\x12\x0b\n\x03ndf\x18\x06 \x01(\r\x12\x0c\n\x04norm\x18\x07 \x01(\t\"h\n\x07Privacy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0e\x65psilon_budget\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x11\n\texhausted\x18\x05 \x01(\x08\"#\n\x0c\x42\x61tchRequest\x12\x13\n\x0blabel_codec\x18\x01 \x01(\t\"G\n\x0e\x43onditionBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\"\x8e\x01\n\x0bStepRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\"\n\x05\x66\x61kes\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x12\n\ngrad_codec\x18\x04 \x01(\t\x12\x13\n\x0blabel_codec\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x04\"F\n\x04Loss\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\"\xa5\x01\n\tStepReply\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x04grad\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12!\n\x06losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12)\n\x04next\x18\x04 \x01(\x0b\x32\x1b.asyndgan.v1.ConditionBatch\x12\x15\n\repsilon_spent\x18\x05 \x01(\x01\"\x13\n\x11\x43heckpointRequest\".\n\x0f\x43heckpointReply\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x8c\x01\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12&\n\x0blast_losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12%\n\x07privacy\x18\x05 \x01(\x0b\x32\x14.asyndgan.v1.Privacy2\xda\x02\n\rDiscriminator\x12?\n\x08\x44\x65scribe\x12\x1c.asyndgan.v1.DescribeRequest\x1a\x15.asyndgan.v1.SiteInfo\x12\x43\n\tNextBatch\x12\x19.asyndgan.v1.BatchRequest\x1a\x1b.asyndgan.v1.ConditionBatch\x12\x38\n\x04Step\x12\x18.asyndgan.v1.StepRequest\x1a\x16.asyndgan.v1.StepReply\x12J\n\nCheckpoint\x12\x1e.asyndgan.v1.CheckpointRequest\x1a\x1c.asyndgan.v1.CheckpointReply\x12=\n\x06Status\x12\x1a.asyndgan.v1.StatusRequest\x1a\x17.asyndgan.v1.SiteStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61syndgan/v1/discriminator.proto\x12\x0b\x61syndgan.v1\x1a\x18\x61syndgan/v1/tensor.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xfd\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t\x12%\n\x07privacy\x18\t \x01(\x0b\x32\x14.asyndgan.v1.Privacy\x12/\n\x08settings\x18\n \x01(\x0b\x32\x1d.asyndgan.v1.TrainingSettings\"\x8f\x01\n\x10TrainingSettings\x12\x10\n\x08gan_mode\x18\x01 \x01(\t\x12\x11\n\tlambda_l1\x18\x02 \x01(\x01\x12\x12\n\nlambda_gan\x18\x03 \x01(\x01\x12\x0c\n\x04lr_d\x18\x04 \x01(\x01\x12\x19\n\x11\x64iscriminator_net\x18\x05 \x01(\t\x12\x0b\n\x03ndf\x18\x06 \x01(\r\x12\x0c\n\x04norm\x18\x07 \x01(\t\"h\n\x07Privacy\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0e\x65psilon_budget\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x11\n\texhausted\x18\x05 \x01(\x08\"\'\n\x10NextBatchRequest\x12\x13\n\x0blabel_codec\x18\x01 \x01(\t\"J\n\x11NextBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\"\x8e\x01\n\x0bStepRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\"\n\x05\x66\x61kes\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x12\n\nmodalities\x18\x03 \x03(\t\x12\x12\n\ngrad_codec\x18\x04 \x01(\t\x12\x13\n\x0blabel_codec\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x04\"F\n\x04Loss\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x01\"\xab\x01\n\x0cStepResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12!\n\x04grad\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12!\n\x06losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12,\n\x04next\x18\x04 \x01(\x0b\x32\x1e.asyndgan.v1.NextBatchResponse\x12\x15\n\repsilon_spent\x18\x05 \x01(\x01\"\x13\n\x11\x43heckpointRequest\"1\n\x12\x43heckpointResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x90\x01\n\x0eStatusResponse\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04\x12&\n\x0blast_losses\x18\x03 \x03(\x0b\x32\x11.asyndgan.v1.Loss\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12%\n\x07privacy\x18\x05 \x01(\x0b\x32\x14.asyndgan.v1.Privacy2\xfa\x02\n\x14\x44iscriminatorService\x12G\n\x08\x44\x65scribe\x12\x1c.asyndgan.v1.DescribeRequest\x1a\x1d.asyndgan.v1.DescribeResponse\x12J\n\tNextBatch\x12\x1d.asyndgan.v1.NextBatchRequest\x1a\x1e.asyndgan.v1.NextBatchResponse\x12;\n\x04Step\x12\x18.asyndgan.v1.StepRequest\x1a\x19.asyndgan.v1.StepResponse\x12M\n\nCheckpoint\x12\x1e.asyndgan.v1.CheckpointRequest\x1a\x1f.asyndgan.v1.CheckpointResponse\x12\x41\n\x06Status\x12\x1a.asyndgan.v1.StatusRequest\x1a\x1b.asyndgan.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DESCRIBEREQUEST']._serialized_start=74
   _globals['_DESCRIBEREQUEST']._serialized_end=91
-  _globals['_SITEINFO']._serialized_start=94
-  _globals['_SITEINFO']._serialized_end=339
-  _globals['_TRAININGSETTINGS']._serialized_start=342
-  _globals['_TRAININGSETTINGS']._serialized_end=485
-  _globals['_PRIVACY']._serialized_start=487
-  _globals['_PRIVACY']._serialized_end=591
-  _globals['_BATCHREQUEST']._serialized_start=593
-  _globals['_BATCHREQUEST']._serialized_end=628
-  _globals['_CONDITIONBATCH']._serialized_start=630
-  _globals['_CONDITIONBATCH']._serialized_end=701
-  _globals['_STEPREQUEST']._serialized_start=704
-  _globals['_STEPREQUEST']._serialized_end=846
-  _globals['_LOSS']._serialized_start=848
-  _globals['_LOSS']._serialized_end=918
-  _globals['_STEPREPLY']._serialized_start=921
-  _globals['_STEPREPLY']._serialized_end=1086
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1088
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1107
-  _globals['_CHECKPOINTREPLY']._serialized_start=1109
-  _globals['_CHECKPOINTREPLY']._serialized_end=1155
-  _globals['_STATUSREQUEST']._serialized_start=1157
-  _globals['_STATUSREQUEST']._serialized_end=1172
-  _globals['_SITESTATUS']._serialized_start=1175
-  _globals['_SITESTATUS']._serialized_end=1315
-  _globals['_DISCRIMINATOR']._serialized_start=1318
-  _globals['_DISCRIMINATOR']._serialized_end=1664
+  _globals['_DESCRIBERESPONSE']._serialized_start=94
+  _globals['_DESCRIBERESPONSE']._serialized_end=347
+  _globals['_TRAININGSETTINGS']._serialized_start=350
+  _globals['_TRAININGSETTINGS']._serialized_end=493
+  _globals['_PRIVACY']._serialized_start=495
+  _globals['_PRIVACY']._serialized_end=599
+  _globals['_NEXTBATCHREQUEST']._serialized_start=601
+  _globals['_NEXTBATCHREQUEST']._serialized_end=640
+  _globals['_NEXTBATCHRESPONSE']._serialized_start=642
+  _globals['_NEXTBATCHRESPONSE']._serialized_end=716
+  _globals['_STEPREQUEST']._serialized_start=719
+  _globals['_STEPREQUEST']._serialized_end=861
+  _globals['_LOSS']._serialized_start=863
+  _globals['_LOSS']._serialized_end=933
+  _globals['_STEPRESPONSE']._serialized_start=936
+  _globals['_STEPRESPONSE']._serialized_end=1107
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1109
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1128
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1130
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1179
+  _globals['_STATUSREQUEST']._serialized_start=1181
+  _globals['_STATUSREQUEST']._serialized_end=1196
+  _globals['_STATUSRESPONSE']._serialized_start=1199
+  _globals['_STATUSRESPONSE']._serialized_end=1343
+  _globals['_DISCRIMINATORSERVICE']._serialized_start=1346
+  _globals['_DISCRIMINATORSERVICE']._serialized_end=1724
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,9 @@ class DescribeRequest(_message.Message):
 Global___DescribeRequest: _TypeAlias = DescribeRequest  # noqa: Y015
 
 @_typing.final
-class SiteInfo(_message.Message):
+class DescribeResponse(_message.Message):
+    """What the site holds."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SITE_ID_FIELD_NUMBER: _builtins.int
@@ -92,7 +94,7 @@ class SiteInfo(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SiteInfo: _TypeAlias = SiteInfo  # noqa: Y015
+Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015
 
 @_typing.final
 class TrainingSettings(_message.Message):
@@ -172,7 +174,7 @@ class Privacy(_message.Message):
 Global___Privacy: _TypeAlias = Privacy  # noqa: Y015
 
 @_typing.final
-class BatchRequest(_message.Message):
+class NextBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LABEL_CODEC_FIELD_NUMBER: _builtins.int
@@ -189,10 +191,12 @@ class BatchRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___BatchRequest: _TypeAlias = BatchRequest  # noqa: Y015
+Global___NextBatchRequest: _TypeAlias = NextBatchRequest  # noqa: Y015
 
 @_typing.final
-class ConditionBatch(_message.Message):
+class NextBatchResponse(_message.Message):
+    """A batch of label maps (the conditions)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
@@ -214,7 +218,7 @@ class ConditionBatch(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ConditionBatch: _TypeAlias = ConditionBatch  # noqa: Y015
+Global___NextBatchResponse: _TypeAlias = NextBatchResponse  # noqa: Y015
 
 @_typing.final
 class StepRequest(_message.Message):
@@ -289,7 +293,7 @@ class Loss(_message.Message):
 Global___Loss: _TypeAlias = Loss  # noqa: Y015
 
 @_typing.final
-class StepReply(_message.Message):
+class StepResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
@@ -307,7 +311,7 @@ class StepReply(_message.Message):
     @_builtins.property
     def losses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Loss]: ...
     @_builtins.property
-    def next(self) -> Global___ConditionBatch:
+    def next(self) -> Global___NextBatchResponse:
         """The next batch of label maps (piggy-backed: one RPC per step)."""
 
     def __init__(
@@ -316,7 +320,7 @@ class StepReply(_message.Message):
         batch_id: _builtins.int = ...,
         grad: _tensor_pb2.Tensor | None = ...,
         losses: _abc.Iterable[Global___Loss] | None = ...,
-        next: Global___ConditionBatch | None = ...,
+        next: Global___NextBatchResponse | None = ...,
         epsilon_spent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grad", b"grad", "next", b"next"]  # noqa: Y015
@@ -325,7 +329,7 @@ class StepReply(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StepReply: _TypeAlias = StepReply  # noqa: Y015
+Global___StepResponse: _TypeAlias = StepResponse  # noqa: Y015
 
 @_typing.final
 class CheckpointRequest(_message.Message):
@@ -343,7 +347,7 @@ class CheckpointRequest(_message.Message):
 Global___CheckpointRequest: _TypeAlias = CheckpointRequest  # noqa: Y015
 
 @_typing.final
-class CheckpointReply(_message.Message):
+class CheckpointResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STEPS_FIELD_NUMBER: _builtins.int
@@ -363,7 +367,7 @@ class CheckpointReply(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CheckpointReply: _TypeAlias = CheckpointReply  # noqa: Y015
+Global___CheckpointResponse: _TypeAlias = CheckpointResponse  # noqa: Y015
 
 @_typing.final
 class StatusRequest(_message.Message):
@@ -381,7 +385,7 @@ class StatusRequest(_message.Message):
 Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
 
 @_typing.final
-class SiteStatus(_message.Message):
+class StatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SITE_ID_FIELD_NUMBER: _builtins.int
@@ -411,4 +415,4 @@ class SiteStatus(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
+Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015

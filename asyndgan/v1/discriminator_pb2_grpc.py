@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class DiscriminatorStub:
+class DiscriminatorServiceStub:
     """One per hospital. The generator dials it; real images never leave it.
     """
 
@@ -36,33 +36,33 @@ class DiscriminatorStub:
             channel: A grpc.Channel.
         """
         self.Describe = channel.unary_unary(
-                '/asyndgan.v1.Discriminator/Describe',
+                '/asyndgan.v1.DiscriminatorService/Describe',
                 request_serializer=asyndgan_dot_v1_dot_discriminator__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.SiteInfo.FromString,
+                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.DescribeResponse.FromString,
                 _registered_method=True)
         self.NextBatch = channel.unary_unary(
-                '/asyndgan.v1.Discriminator/NextBatch',
-                request_serializer=asyndgan_dot_v1_dot_discriminator__pb2.BatchRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.ConditionBatch.FromString,
+                '/asyndgan.v1.DiscriminatorService/NextBatch',
+                request_serializer=asyndgan_dot_v1_dot_discriminator__pb2.NextBatchRequest.SerializeToString,
+                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.NextBatchResponse.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
-                '/asyndgan.v1.Discriminator/Step',
+                '/asyndgan.v1.DiscriminatorService/Step',
                 request_serializer=asyndgan_dot_v1_dot_discriminator__pb2.StepRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.StepReply.FromString,
+                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.StepResponse.FromString,
                 _registered_method=True)
         self.Checkpoint = channel.unary_unary(
-                '/asyndgan.v1.Discriminator/Checkpoint',
+                '/asyndgan.v1.DiscriminatorService/Checkpoint',
                 request_serializer=asyndgan_dot_v1_dot_discriminator__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.CheckpointReply.FromString,
+                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
-                '/asyndgan.v1.Discriminator/Status',
+                '/asyndgan.v1.DiscriminatorService/Status',
                 request_serializer=asyndgan_dot_v1_dot_discriminator__pb2.StatusRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.SiteStatus.FromString,
+                response_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.StatusResponse.FromString,
                 _registered_method=True)
 
 
-class DiscriminatorServicer:
+class DiscriminatorServiceServicer:
     """One per hospital. The generator dials it; real images never leave it.
     """
 
@@ -103,42 +103,42 @@ class DiscriminatorServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_DiscriminatorServicer_to_server(servicer, server):
+def add_DiscriminatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
                     request_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.DescribeRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.SiteInfo.SerializeToString,
+                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.DescribeResponse.SerializeToString,
             ),
             'NextBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.NextBatch,
-                    request_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.BatchRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.ConditionBatch.SerializeToString,
+                    request_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.NextBatchRequest.FromString,
+                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.NextBatchResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
                     request_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.StepRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.StepReply.SerializeToString,
+                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.StepResponse.SerializeToString,
             ),
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
                     request_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.CheckpointRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.CheckpointReply.SerializeToString,
+                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.CheckpointResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=asyndgan_dot_v1_dot_discriminator__pb2.StatusRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.SiteStatus.SerializeToString,
+                    response_serializer=asyndgan_dot_v1_dot_discriminator__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'asyndgan.v1.Discriminator', rpc_method_handlers)
+            'asyndgan.v1.DiscriminatorService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('asyndgan.v1.Discriminator', rpc_method_handlers)
+    server.add_registered_method_handlers('asyndgan.v1.DiscriminatorService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Discriminator:
+class DiscriminatorService:
     """One per hospital. The generator dials it; real images never leave it.
     """
 
@@ -156,9 +156,9 @@ class Discriminator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyndgan.v1.Discriminator/Describe',
+            '/asyndgan.v1.DiscriminatorService/Describe',
             asyndgan_dot_v1_dot_discriminator__pb2.DescribeRequest.SerializeToString,
-            asyndgan_dot_v1_dot_discriminator__pb2.SiteInfo.FromString,
+            asyndgan_dot_v1_dot_discriminator__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -183,9 +183,9 @@ class Discriminator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyndgan.v1.Discriminator/NextBatch',
-            asyndgan_dot_v1_dot_discriminator__pb2.BatchRequest.SerializeToString,
-            asyndgan_dot_v1_dot_discriminator__pb2.ConditionBatch.FromString,
+            '/asyndgan.v1.DiscriminatorService/NextBatch',
+            asyndgan_dot_v1_dot_discriminator__pb2.NextBatchRequest.SerializeToString,
+            asyndgan_dot_v1_dot_discriminator__pb2.NextBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,9 +210,9 @@ class Discriminator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyndgan.v1.Discriminator/Step',
+            '/asyndgan.v1.DiscriminatorService/Step',
             asyndgan_dot_v1_dot_discriminator__pb2.StepRequest.SerializeToString,
-            asyndgan_dot_v1_dot_discriminator__pb2.StepReply.FromString,
+            asyndgan_dot_v1_dot_discriminator__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,9 +237,9 @@ class Discriminator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyndgan.v1.Discriminator/Checkpoint',
+            '/asyndgan.v1.DiscriminatorService/Checkpoint',
             asyndgan_dot_v1_dot_discriminator__pb2.CheckpointRequest.SerializeToString,
-            asyndgan_dot_v1_dot_discriminator__pb2.CheckpointReply.FromString,
+            asyndgan_dot_v1_dot_discriminator__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,9 +264,9 @@ class Discriminator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyndgan.v1.Discriminator/Status',
+            '/asyndgan.v1.DiscriminatorService/Status',
             asyndgan_dot_v1_dot_discriminator__pb2.StatusRequest.SerializeToString,
-            asyndgan_dot_v1_dot_discriminator__pb2.SiteStatus.FromString,
+            asyndgan_dot_v1_dot_discriminator__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

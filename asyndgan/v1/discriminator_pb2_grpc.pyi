@@ -26,47 +26,47 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class DiscriminatorStub:
+class DiscriminatorServiceStub:
     """One per hospital. The generator dials it; real images never leave it."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> DiscriminatorAsyncStub: ...
-    Describe: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.DescribeRequest, _discriminator_pb2.SiteInfo]
+    def __new__(cls, channel: _aio.Channel) -> DiscriminatorServiceAsyncStub: ...
+    Describe: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.DescribeRequest, _discriminator_pb2.DescribeResponse]
     """What this site holds: counts, image geometry, label classes, modalities."""
-    NextBatch: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.BatchRequest, _discriminator_pb2.ConditionBatch]
+    NextBatch: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.NextBatchRequest, _discriminator_pb2.NextBatchResponse]
     """Starts (or restarts) the exchange: returns a fresh batch of label maps.
     Any batch still outstanding is abandoned.
     """
-    Step: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.StepRequest, _discriminator_pb2.StepReply]
+    Step: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.StepRequest, _discriminator_pb2.StepResponse]
     """Synthetic images for the outstanding batch in; gradient of the site's generator
     loss w.r.t. those images, the losses, and the NEXT batch of label maps out.
     """
-    Checkpoint: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.CheckpointRequest, _discriminator_pb2.CheckpointReply]
+    Checkpoint: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.CheckpointRequest, _discriminator_pb2.CheckpointResponse]
     """Writes the site's discriminator(s) and optimizer state to its own disk."""
-    Status: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.StatusRequest, _discriminator_pb2.SiteStatus]
+    Status: _grpc.UnaryUnaryMultiCallable[_discriminator_pb2.StatusRequest, _discriminator_pb2.StatusResponse]
 
 @_typing.type_check_only
-class DiscriminatorAsyncStub(DiscriminatorStub):
+class DiscriminatorServiceAsyncStub(DiscriminatorServiceStub):
     """One per hospital. The generator dials it; real images never leave it."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Describe: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.DescribeRequest, _discriminator_pb2.SiteInfo]  # type: ignore[assignment]
+    Describe: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.DescribeRequest, _discriminator_pb2.DescribeResponse]  # type: ignore[assignment]
     """What this site holds: counts, image geometry, label classes, modalities."""
-    NextBatch: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.BatchRequest, _discriminator_pb2.ConditionBatch]  # type: ignore[assignment]
+    NextBatch: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.NextBatchRequest, _discriminator_pb2.NextBatchResponse]  # type: ignore[assignment]
     """Starts (or restarts) the exchange: returns a fresh batch of label maps.
     Any batch still outstanding is abandoned.
     """
-    Step: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.StepRequest, _discriminator_pb2.StepReply]  # type: ignore[assignment]
+    Step: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.StepRequest, _discriminator_pb2.StepResponse]  # type: ignore[assignment]
     """Synthetic images for the outstanding batch in; gradient of the site's generator
     loss w.r.t. those images, the losses, and the NEXT batch of label maps out.
     """
-    Checkpoint: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.CheckpointRequest, _discriminator_pb2.CheckpointReply]  # type: ignore[assignment]
+    Checkpoint: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.CheckpointRequest, _discriminator_pb2.CheckpointResponse]  # type: ignore[assignment]
     """Writes the site's discriminator(s) and optimizer state to its own disk."""
-    Status: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.StatusRequest, _discriminator_pb2.SiteStatus]  # type: ignore[assignment]
+    Status: _aio.UnaryUnaryMultiCallable[_discriminator_pb2.StatusRequest, _discriminator_pb2.StatusResponse]  # type: ignore[assignment]
 
-class DiscriminatorServicer(metaclass=_abc_1.ABCMeta):
+class DiscriminatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """One per hospital. The generator dials it; real images never leave it."""
 
     @_abc_1.abstractmethod
@@ -74,15 +74,15 @@ class DiscriminatorServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _discriminator_pb2.DescribeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_discriminator_pb2.SiteInfo, _abc.Awaitable[_discriminator_pb2.SiteInfo]]:
+    ) -> _typing.Union[_discriminator_pb2.DescribeResponse, _abc.Awaitable[_discriminator_pb2.DescribeResponse]]:
         """What this site holds: counts, image geometry, label classes, modalities."""
 
     @_abc_1.abstractmethod
     def NextBatch(
         self,
-        request: _discriminator_pb2.BatchRequest,
+        request: _discriminator_pb2.NextBatchRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_discriminator_pb2.ConditionBatch, _abc.Awaitable[_discriminator_pb2.ConditionBatch]]:
+    ) -> _typing.Union[_discriminator_pb2.NextBatchResponse, _abc.Awaitable[_discriminator_pb2.NextBatchResponse]]:
         """Starts (or restarts) the exchange: returns a fresh batch of label maps.
         Any batch still outstanding is abandoned.
         """
@@ -92,7 +92,7 @@ class DiscriminatorServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _discriminator_pb2.StepRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_discriminator_pb2.StepReply, _abc.Awaitable[_discriminator_pb2.StepReply]]:
+    ) -> _typing.Union[_discriminator_pb2.StepResponse, _abc.Awaitable[_discriminator_pb2.StepResponse]]:
         """Synthetic images for the outstanding batch in; gradient of the site's generator
         loss w.r.t. those images, the losses, and the NEXT batch of label maps out.
         """
@@ -102,7 +102,7 @@ class DiscriminatorServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _discriminator_pb2.CheckpointRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_discriminator_pb2.CheckpointReply, _abc.Awaitable[_discriminator_pb2.CheckpointReply]]:
+    ) -> _typing.Union[_discriminator_pb2.CheckpointResponse, _abc.Awaitable[_discriminator_pb2.CheckpointResponse]]:
         """Writes the site's discriminator(s) and optimizer state to its own disk."""
 
     @_abc_1.abstractmethod
@@ -110,6 +110,6 @@ class DiscriminatorServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _discriminator_pb2.StatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_discriminator_pb2.SiteStatus, _abc.Awaitable[_discriminator_pb2.SiteStatus]]: ...
+    ) -> _typing.Union[_discriminator_pb2.StatusResponse, _abc.Awaitable[_discriminator_pb2.StatusResponse]]: ...
 
-def add_DiscriminatorServicer_to_server(servicer: DiscriminatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_DiscriminatorServiceServicer_to_server(servicer: DiscriminatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

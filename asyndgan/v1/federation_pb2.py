@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from asyndgan.v1 import discriminator_pb2 as asyndgan_dot_v1_dot_discriminator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61syndgan/v1/federation.proto\x12\x0b\x61syndgan.v1\x1a\x1f\x61syndgan/v1/discriminator.proto\")\n\x05Hello\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"*\n\tWorkError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe2\x01\n\x04Work\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x30\n\x08\x64\x65scribe\x18\x02 \x01(\x0b\x32\x1c.asyndgan.v1.DescribeRequestH\x00\x12/\n\nnext_batch\x18\x03 \x01(\x0b\x32\x19.asyndgan.v1.BatchRequestH\x00\x12(\n\x04step\x18\x04 \x01(\x0b\x32\x18.asyndgan.v1.StepRequestH\x00\x12\x34\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.asyndgan.v1.CheckpointRequestH\x00\x42\x06\n\x04\x62ody\"\xae\x02\n\x0bSiteMessage\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12#\n\x05hello\x18\x02 \x01(\x0b\x32\x12.asyndgan.v1.HelloH\x00\x12)\n\x08\x64\x65scribe\x18\x03 \x01(\x0b\x32\x15.asyndgan.v1.SiteInfoH\x00\x12\x31\n\nnext_batch\x18\x04 \x01(\x0b\x32\x1b.asyndgan.v1.ConditionBatchH\x00\x12&\n\x04step\x18\x05 \x01(\x0b\x32\x16.asyndgan.v1.StepReplyH\x00\x12\x32\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x1c.asyndgan.v1.CheckpointReplyH\x00\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x16.asyndgan.v1.WorkErrorH\x00\x42\x06\n\x04\x62ody2E\n\nFederation\x12\x37\n\x04Join\x12\x18.asyndgan.v1.SiteMessage\x1a\x11.asyndgan.v1.Work(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61syndgan/v1/federation.proto\x12\x0b\x61syndgan.v1\x1a\x1f\x61syndgan/v1/discriminator.proto\")\n\x05Hello\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"*\n\tWorkError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xee\x01\n\x0cJoinResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x30\n\x08\x64\x65scribe\x18\x02 \x01(\x0b\x32\x1c.asyndgan.v1.DescribeRequestH\x00\x12\x33\n\nnext_batch\x18\x03 \x01(\x0b\x32\x1d.asyndgan.v1.NextBatchRequestH\x00\x12(\n\x04step\x18\x04 \x01(\x0b\x32\x18.asyndgan.v1.StepRequestH\x00\x12\x34\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.asyndgan.v1.CheckpointRequestH\x00\x42\x06\n\x04\x62ody\"\xbf\x02\n\x0bJoinRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12#\n\x05hello\x18\x02 \x01(\x0b\x32\x12.asyndgan.v1.HelloH\x00\x12\x31\n\x08\x64\x65scribe\x18\x03 \x01(\x0b\x32\x1d.asyndgan.v1.DescribeResponseH\x00\x12\x34\n\nnext_batch\x18\x04 \x01(\x0b\x32\x1e.asyndgan.v1.NextBatchResponseH\x00\x12)\n\x04step\x18\x05 \x01(\x0b\x32\x19.asyndgan.v1.StepResponseH\x00\x12\x35\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x1f.asyndgan.v1.CheckpointResponseH\x00\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x16.asyndgan.v1.WorkErrorH\x00\x42\x06\n\x04\x62ody2T\n\x11\x46\x65\x64\x65rationService\x12?\n\x04Join\x12\x18.asyndgan.v1.JoinRequest\x1a\x19.asyndgan.v1.JoinResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_end=119
   _globals['_WORKERROR']._serialized_start=121
   _globals['_WORKERROR']._serialized_end=163
-  _globals['_WORK']._serialized_start=166
-  _globals['_WORK']._serialized_end=392
-  _globals['_SITEMESSAGE']._serialized_start=395
-  _globals['_SITEMESSAGE']._serialized_end=697
-  _globals['_FEDERATION']._serialized_start=699
-  _globals['_FEDERATION']._serialized_end=768
+  _globals['_JOINRESPONSE']._serialized_start=166
+  _globals['_JOINRESPONSE']._serialized_end=404
+  _globals['_JOINREQUEST']._serialized_start=407
+  _globals['_JOINREQUEST']._serialized_end=726
+  _globals['_FEDERATIONSERVICE']._serialized_start=728
+  _globals['_FEDERATIONSERVICE']._serialized_end=812
 # @@protoc_insertion_point(module_scope)

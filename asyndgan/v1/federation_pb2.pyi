@@ -64,8 +64,8 @@ class WorkError(_message.Message):
 Global___WorkError: _TypeAlias = WorkError  # noqa: Y015
 
 @_typing.final
-class Work(_message.Message):
-    """Generator -> site: one unit of work; the site answers with a SiteMessage carrying the same call_id."""
+class JoinResponse(_message.Message):
+    """Generator -> site: one unit of work; the site answers with a JoinRequest carrying the same call_id."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -78,7 +78,7 @@ class Work(_message.Message):
     @_builtins.property
     def describe(self) -> _discriminator_pb2.DescribeRequest: ...
     @_builtins.property
-    def next_batch(self) -> _discriminator_pb2.BatchRequest: ...
+    def next_batch(self) -> _discriminator_pb2.NextBatchRequest: ...
     @_builtins.property
     def step(self) -> _discriminator_pb2.StepRequest: ...
     @_builtins.property
@@ -88,7 +88,7 @@ class Work(_message.Message):
         *,
         call_id: _builtins.int = ...,
         describe: _discriminator_pb2.DescribeRequest | None = ...,
-        next_batch: _discriminator_pb2.BatchRequest | None = ...,
+        next_batch: _discriminator_pb2.NextBatchRequest | None = ...,
         step: _discriminator_pb2.StepRequest | None = ...,
         checkpoint: _discriminator_pb2.CheckpointRequest | None = ...,
     ) -> None: ...
@@ -100,10 +100,10 @@ class Work(_message.Message):
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
-Global___Work: _TypeAlias = Work  # noqa: Y015
+Global___JoinResponse: _TypeAlias = JoinResponse  # noqa: Y015
 
 @_typing.final
-class SiteMessage(_message.Message):
+class JoinRequest(_message.Message):
     """Site -> generator."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -119,13 +119,13 @@ class SiteMessage(_message.Message):
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
-    def describe(self) -> _discriminator_pb2.SiteInfo: ...
+    def describe(self) -> _discriminator_pb2.DescribeResponse: ...
     @_builtins.property
-    def next_batch(self) -> _discriminator_pb2.ConditionBatch: ...
+    def next_batch(self) -> _discriminator_pb2.NextBatchResponse: ...
     @_builtins.property
-    def step(self) -> _discriminator_pb2.StepReply: ...
+    def step(self) -> _discriminator_pb2.StepResponse: ...
     @_builtins.property
-    def checkpoint(self) -> _discriminator_pb2.CheckpointReply: ...
+    def checkpoint(self) -> _discriminator_pb2.CheckpointResponse: ...
     @_builtins.property
     def error(self) -> Global___WorkError: ...
     def __init__(
@@ -133,10 +133,10 @@ class SiteMessage(_message.Message):
         *,
         call_id: _builtins.int = ...,
         hello: Global___Hello | None = ...,
-        describe: _discriminator_pb2.SiteInfo | None = ...,
-        next_batch: _discriminator_pb2.ConditionBatch | None = ...,
-        step: _discriminator_pb2.StepReply | None = ...,
-        checkpoint: _discriminator_pb2.CheckpointReply | None = ...,
+        describe: _discriminator_pb2.DescribeResponse | None = ...,
+        next_batch: _discriminator_pb2.NextBatchResponse | None = ...,
+        step: _discriminator_pb2.StepResponse | None = ...,
+        checkpoint: _discriminator_pb2.CheckpointResponse | None = ...,
         error: Global___WorkError | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "checkpoint", b"checkpoint", "describe", b"describe", "error", b"error", "hello", b"hello", "next_batch", b"next_batch", "step", b"step"]  # noqa: Y015
@@ -147,4 +147,4 @@ class SiteMessage(_message.Message):
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
-Global___SiteMessage: _TypeAlias = SiteMessage  # noqa: Y015
+Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015

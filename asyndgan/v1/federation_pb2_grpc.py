@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class FederationStub:
+class FederationServiceStub:
     """Served by the generator for sites that only dial out (`asyndgan discriminator --connect`): a hospital opens
     no inbound port. The site holds one long-lived Join stream; over it the generator sends the work that the
     Discriminator service's RPCs carry for dial-in sites, and the site answers each item with the same messages.
@@ -38,20 +38,20 @@ class FederationStub:
             channel: A grpc.Channel.
         """
         self.Join = channel.stream_stream(
-                '/asyndgan.v1.Federation/Join',
-                request_serializer=asyndgan_dot_v1_dot_federation__pb2.SiteMessage.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_federation__pb2.Work.FromString,
+                '/asyndgan.v1.FederationService/Join',
+                request_serializer=asyndgan_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
+                response_deserializer=asyndgan_dot_v1_dot_federation__pb2.JoinResponse.FromString,
                 _registered_method=True)
 
 
-class FederationServicer:
+class FederationServiceServicer:
     """Served by the generator for sites that only dial out (`asyndgan discriminator --connect`): a hospital opens
     no inbound port. The site holds one long-lived Join stream; over it the generator sends the work that the
     Discriminator service's RPCs carry for dial-in sites, and the site answers each item with the same messages.
     """
 
     def Join(self, request_iterator, context):
-        """The site's first message is `hello`; every later one answers the Work item with the same call_id.
+        """The site's first message is `hello`; every later one answers the JoinResponse (work item) with the same call_id.
         Ends with PERMISSION_DENIED for a site the generator does not expect (or, with mutual TLS, whose
         certificate does not name it) and ABORTED when a newer connection from the same site replaces it.
         """
@@ -60,22 +60,22 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FederationServicer_to_server(servicer, server):
+def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.stream_stream_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=asyndgan_dot_v1_dot_federation__pb2.SiteMessage.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_federation__pb2.Work.SerializeToString,
+                    request_deserializer=asyndgan_dot_v1_dot_federation__pb2.JoinRequest.FromString,
+                    response_serializer=asyndgan_dot_v1_dot_federation__pb2.JoinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'asyndgan.v1.Federation', rpc_method_handlers)
+            'asyndgan.v1.FederationService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('asyndgan.v1.Federation', rpc_method_handlers)
+    server.add_registered_method_handlers('asyndgan.v1.FederationService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Federation:
+class FederationService:
     """Served by the generator for sites that only dial out (`asyndgan discriminator --connect`): a hospital opens
     no inbound port. The site holds one long-lived Join stream; over it the generator sends the work that the
     Discriminator service's RPCs carry for dial-in sites, and the site answers each item with the same messages.
@@ -95,9 +95,9 @@ class Federation:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/asyndgan.v1.Federation/Join',
-            asyndgan_dot_v1_dot_federation__pb2.SiteMessage.SerializeToString,
-            asyndgan_dot_v1_dot_federation__pb2.Work.FromString,
+            '/asyndgan.v1.FederationService/Join',
+            asyndgan_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
+            asyndgan_dot_v1_dot_federation__pb2.JoinResponse.FromString,
             options,
             channel_credentials,
             insecure,

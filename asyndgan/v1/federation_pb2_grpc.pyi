@@ -26,7 +26,7 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class FederationStub:
+class FederationServiceStub:
     """Served by the generator for sites that only dial out (`asyndgan discriminator --connect`): a hospital opens
     no inbound port. The site holds one long-lived Join stream; over it the generator sends the work that the
     Discriminator service's RPCs carry for dial-in sites, and the site answers each item with the same messages.
@@ -35,28 +35,28 @@ class FederationStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> FederationAsyncStub: ...
-    Join: _grpc.StreamStreamMultiCallable[_federation_pb2.SiteMessage, _federation_pb2.Work]
-    """The site's first message is `hello`; every later one answers the Work item with the same call_id.
+    def __new__(cls, channel: _aio.Channel) -> FederationServiceAsyncStub: ...
+    Join: _grpc.StreamStreamMultiCallable[_federation_pb2.JoinRequest, _federation_pb2.JoinResponse]
+    """The site's first message is `hello`; every later one answers the JoinResponse (work item) with the same call_id.
     Ends with PERMISSION_DENIED for a site the generator does not expect (or, with mutual TLS, whose
     certificate does not name it) and ABORTED when a newer connection from the same site replaces it.
     """
 
 @_typing.type_check_only
-class FederationAsyncStub(FederationStub):
+class FederationServiceAsyncStub(FederationServiceStub):
     """Served by the generator for sites that only dial out (`asyndgan discriminator --connect`): a hospital opens
     no inbound port. The site holds one long-lived Join stream; over it the generator sends the work that the
     Discriminator service's RPCs carry for dial-in sites, and the site answers each item with the same messages.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Join: _aio.StreamStreamMultiCallable[_federation_pb2.SiteMessage, _federation_pb2.Work]  # type: ignore[assignment]
-    """The site's first message is `hello`; every later one answers the Work item with the same call_id.
+    Join: _aio.StreamStreamMultiCallable[_federation_pb2.JoinRequest, _federation_pb2.JoinResponse]  # type: ignore[assignment]
+    """The site's first message is `hello`; every later one answers the JoinResponse (work item) with the same call_id.
     Ends with PERMISSION_DENIED for a site the generator does not expect (or, with mutual TLS, whose
     certificate does not name it) and ABORTED when a newer connection from the same site replaces it.
     """
 
-class FederationServicer(metaclass=_abc_1.ABCMeta):
+class FederationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the generator for sites that only dial out (`asyndgan discriminator --connect`): a hospital opens
     no inbound port. The site holds one long-lived Join stream; over it the generator sends the work that the
     Discriminator service's RPCs carry for dial-in sites, and the site answers each item with the same messages.
@@ -65,12 +65,12 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Join(
         self,
-        request_iterator: _MaybeAsyncIterator[_federation_pb2.SiteMessage],
+        request_iterator: _MaybeAsyncIterator[_federation_pb2.JoinRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_federation_pb2.Work], _abc.AsyncIterator[_federation_pb2.Work]]:
-        """The site's first message is `hello`; every later one answers the Work item with the same call_id.
+    ) -> _typing.Union[_abc.Iterator[_federation_pb2.JoinResponse], _abc.AsyncIterator[_federation_pb2.JoinResponse]]:
+        """The site's first message is `hello`; every later one answers the JoinResponse (work item) with the same call_id.
         Ends with PERMISSION_DENIED for a site the generator does not expect (or, with mutual TLS, whose
         certificate does not name it) and ABORTED when a newer connection from the same site replaces it.
         """
 
-def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_FederationServiceServicer_to_server(servicer: FederationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

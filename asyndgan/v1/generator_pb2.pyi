@@ -46,7 +46,7 @@ class SynthesizeRequest(_message.Message):
 Global___SynthesizeRequest: _TypeAlias = SynthesizeRequest  # noqa: Y015
 
 @_typing.final
-class SyntheticBatch(_message.Message):
+class SynthesizeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     IMAGES_FIELD_NUMBER: _builtins.int
@@ -69,10 +69,10 @@ class SyntheticBatch(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SyntheticBatch: _TypeAlias = SyntheticBatch  # noqa: Y015
+Global___SynthesizeResponse: _TypeAlias = SynthesizeResponse  # noqa: Y015
 
 @_typing.final
-class GeneratorStatusRequest(_message.Message):
+class GeneratorServiceStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -84,7 +84,7 @@ class GeneratorStatusRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GeneratorStatusRequest: _TypeAlias = GeneratorStatusRequest  # noqa: Y015
+Global___GeneratorServiceStatusRequest: _TypeAlias = GeneratorServiceStatusRequest  # noqa: Y015
 
 @_typing.final
 class SiteState(_message.Message):
@@ -135,7 +135,7 @@ class SiteState(_message.Message):
 Global___SiteState: _TypeAlias = SiteState  # noqa: Y015
 
 @_typing.final
-class TrainingStatus(_message.Message):
+class GeneratorServiceStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
@@ -183,4 +183,4 @@ class TrainingStatus(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TrainingStatus: _TypeAlias = TrainingStatus  # noqa: Y015
+Global___GeneratorServiceStatusResponse: _TypeAlias = GeneratorServiceStatusResponse  # noqa: Y015

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class GeneratorStub:
+class GeneratorServiceStub:
     """The central generator: trains against the sites and serves synthetic data.
     """
 
@@ -36,18 +36,18 @@ class GeneratorStub:
             channel: A grpc.Channel.
         """
         self.Synthesize = channel.stream_stream(
-                '/asyndgan.v1.Generator/Synthesize',
+                '/asyndgan.v1.GeneratorService/Synthesize',
                 request_serializer=asyndgan_dot_v1_dot_generator__pb2.SynthesizeRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_generator__pb2.SyntheticBatch.FromString,
+                response_deserializer=asyndgan_dot_v1_dot_generator__pb2.SynthesizeResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
-                '/asyndgan.v1.Generator/Status',
-                request_serializer=asyndgan_dot_v1_dot_generator__pb2.GeneratorStatusRequest.SerializeToString,
-                response_deserializer=asyndgan_dot_v1_dot_generator__pb2.TrainingStatus.FromString,
+                '/asyndgan.v1.GeneratorService/Status',
+                request_serializer=asyndgan_dot_v1_dot_generator__pb2.GeneratorServiceStatusRequest.SerializeToString,
+                response_deserializer=asyndgan_dot_v1_dot_generator__pb2.GeneratorServiceStatusResponse.FromString,
                 _registered_method=True)
 
 
-class GeneratorServicer:
+class GeneratorServiceServicer:
     """The central generator: trains against the sites and serves synthetic data.
     """
 
@@ -65,27 +65,27 @@ class GeneratorServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_GeneratorServicer_to_server(servicer, server):
+def add_GeneratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Synthesize': grpc.stream_stream_rpc_method_handler(
                     servicer.Synthesize,
                     request_deserializer=asyndgan_dot_v1_dot_generator__pb2.SynthesizeRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_generator__pb2.SyntheticBatch.SerializeToString,
+                    response_serializer=asyndgan_dot_v1_dot_generator__pb2.SynthesizeResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=asyndgan_dot_v1_dot_generator__pb2.GeneratorStatusRequest.FromString,
-                    response_serializer=asyndgan_dot_v1_dot_generator__pb2.TrainingStatus.SerializeToString,
+                    request_deserializer=asyndgan_dot_v1_dot_generator__pb2.GeneratorServiceStatusRequest.FromString,
+                    response_serializer=asyndgan_dot_v1_dot_generator__pb2.GeneratorServiceStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'asyndgan.v1.Generator', rpc_method_handlers)
+            'asyndgan.v1.GeneratorService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('asyndgan.v1.Generator', rpc_method_handlers)
+    server.add_registered_method_handlers('asyndgan.v1.GeneratorService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Generator:
+class GeneratorService:
     """The central generator: trains against the sites and serves synthetic data.
     """
 
@@ -103,9 +103,9 @@ class Generator:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/asyndgan.v1.Generator/Synthesize',
+            '/asyndgan.v1.GeneratorService/Synthesize',
             asyndgan_dot_v1_dot_generator__pb2.SynthesizeRequest.SerializeToString,
-            asyndgan_dot_v1_dot_generator__pb2.SyntheticBatch.FromString,
+            asyndgan_dot_v1_dot_generator__pb2.SynthesizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -130,9 +130,9 @@ class Generator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyndgan.v1.Generator/Status',
-            asyndgan_dot_v1_dot_generator__pb2.GeneratorStatusRequest.SerializeToString,
-            asyndgan_dot_v1_dot_generator__pb2.TrainingStatus.FromString,
+            '/asyndgan.v1.GeneratorService/Status',
+            asyndgan_dot_v1_dot_generator__pb2.GeneratorServiceStatusRequest.SerializeToString,
+            asyndgan_dot_v1_dot_generator__pb2.GeneratorServiceStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

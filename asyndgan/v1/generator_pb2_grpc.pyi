@@ -26,27 +26,27 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class GeneratorStub:
+class GeneratorServiceStub:
     """The central generator: trains against the sites and serves synthetic data."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> GeneratorAsyncStub: ...
-    Synthesize: _grpc.StreamStreamMultiCallable[_generator_pb2.SynthesizeRequest, _generator_pb2.SyntheticBatch]
+    def __new__(cls, channel: _aio.Channel) -> GeneratorServiceAsyncStub: ...
+    Synthesize: _grpc.StreamStreamMultiCallable[_generator_pb2.SynthesizeRequest, _generator_pb2.SynthesizeResponse]
     """Label maps in (a stream of batches), synthetic images out, one reply per request."""
-    Status: _grpc.UnaryUnaryMultiCallable[_generator_pb2.GeneratorStatusRequest, _generator_pb2.TrainingStatus]
+    Status: _grpc.UnaryUnaryMultiCallable[_generator_pb2.GeneratorServiceStatusRequest, _generator_pb2.GeneratorServiceStatusResponse]
 
 @_typing.type_check_only
-class GeneratorAsyncStub(GeneratorStub):
+class GeneratorServiceAsyncStub(GeneratorServiceStub):
     """The central generator: trains against the sites and serves synthetic data."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Synthesize: _aio.StreamStreamMultiCallable[_generator_pb2.SynthesizeRequest, _generator_pb2.SyntheticBatch]  # type: ignore[assignment]
+    Synthesize: _aio.StreamStreamMultiCallable[_generator_pb2.SynthesizeRequest, _generator_pb2.SynthesizeResponse]  # type: ignore[assignment]
     """Label maps in (a stream of batches), synthetic images out, one reply per request."""
-    Status: _aio.UnaryUnaryMultiCallable[_generator_pb2.GeneratorStatusRequest, _generator_pb2.TrainingStatus]  # type: ignore[assignment]
+    Status: _aio.UnaryUnaryMultiCallable[_generator_pb2.GeneratorServiceStatusRequest, _generator_pb2.GeneratorServiceStatusResponse]  # type: ignore[assignment]
 
-class GeneratorServicer(metaclass=_abc_1.ABCMeta):
+class GeneratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The central generator: trains against the sites and serves synthetic data."""
 
     @_abc_1.abstractmethod
@@ -54,14 +54,14 @@ class GeneratorServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_generator_pb2.SynthesizeRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_generator_pb2.SyntheticBatch], _abc.AsyncIterator[_generator_pb2.SyntheticBatch]]:
+    ) -> _typing.Union[_abc.Iterator[_generator_pb2.SynthesizeResponse], _abc.AsyncIterator[_generator_pb2.SynthesizeResponse]]:
         """Label maps in (a stream of batches), synthetic images out, one reply per request."""
 
     @_abc_1.abstractmethod
     def Status(
         self,
-        request: _generator_pb2.GeneratorStatusRequest,
+        request: _generator_pb2.GeneratorServiceStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_generator_pb2.TrainingStatus, _abc.Awaitable[_generator_pb2.TrainingStatus]]: ...
+    ) -> _typing.Union[_generator_pb2.GeneratorServiceStatusResponse, _abc.Awaitable[_generator_pb2.GeneratorServiceStatusResponse]]: ...
 
-def add_GeneratorServicer_to_server(servicer: GeneratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_GeneratorServiceServicer_to_server(servicer: GeneratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

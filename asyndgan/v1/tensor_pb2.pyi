@@ -19,31 +19,33 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _DType:
+class _Dtype:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType], _builtins.type):
+class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    DTYPE_UNSPECIFIED: _DType.ValueType  # 0
-    FLOAT32: _DType.ValueType  # 1
-    BFLOAT16: _DType.ValueType  # 2
+    DTYPE_UNSPECIFIED: _Dtype.ValueType  # 0
+    """refused by decoders"""
+    DTYPE_FLOAT32: _Dtype.ValueType  # 1
+    DTYPE_BFLOAT16: _Dtype.ValueType  # 2
     """decoded to float32"""
-    FLOAT16: _DType.ValueType  # 3
+    DTYPE_FLOAT16: _Dtype.ValueType  # 3
     """decoded to float32"""
-    UINT8: _DType.ValueType  # 4
+    DTYPE_UINT8: _Dtype.ValueType  # 4
 
-class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
+class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
     """Element type of the bytes in Tensor.data (after decompression and un-shuffling)."""
 
-DTYPE_UNSPECIFIED: DType.ValueType  # 0
-FLOAT32: DType.ValueType  # 1
-BFLOAT16: DType.ValueType  # 2
+DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
+"""refused by decoders"""
+DTYPE_FLOAT32: Dtype.ValueType  # 1
+DTYPE_BFLOAT16: Dtype.ValueType  # 2
 """decoded to float32"""
-FLOAT16: DType.ValueType  # 3
+DTYPE_FLOAT16: Dtype.ValueType  # 3
 """decoded to float32"""
-UINT8: DType.ValueType  # 4
-Global___DType: _TypeAlias = DType  # noqa: Y015
+DTYPE_UINT8: Dtype.ValueType  # 4
+Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 class _Compression:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -51,17 +53,21 @@ class _Compression:
 
 class _CompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compression.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    COMPRESSION_NONE: _Compression.ValueType  # 0
-    ZSTD: _Compression.ValueType  # 1
-    LZ4: _Compression.ValueType  # 2
+    COMPRESSION_UNSPECIFIED: _Compression.ValueType  # 0
+    """refused by decoders"""
+    COMPRESSION_ZSTD: _Compression.ValueType  # 1
+    COMPRESSION_LZ4: _Compression.ValueType  # 2
     """lz4 block format; raw_size is the exact decompressed size"""
+    COMPRESSION_NONE: _Compression.ValueType  # 3
 
 class Compression(_Compression, metaclass=_CompressionEnumTypeWrapper): ...
 
-COMPRESSION_NONE: Compression.ValueType  # 0
-ZSTD: Compression.ValueType  # 1
-LZ4: Compression.ValueType  # 2
+COMPRESSION_UNSPECIFIED: Compression.ValueType  # 0
+"""refused by decoders"""
+COMPRESSION_ZSTD: Compression.ValueType  # 1
+COMPRESSION_LZ4: Compression.ValueType  # 2
 """lz4 block format; raw_size is the exact decompressed size"""
+COMPRESSION_NONE: Compression.ValueType  # 3
 Global___Compression: _TypeAlias = Compression  # noqa: Y015
 
 @_typing.final
@@ -80,12 +86,12 @@ class Tensor(_message.Message):
     RAW_SIZE_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     compression: Global___Compression.ValueType
     shuffled: _builtins.bool
     """Floats: bytes were byte-shuffled (all first bytes, then all second bytes, ...)."""
     bits: _builtins.int
-    """UINT8 only: 0 = one value per byte; 1, 2 or 4 = values bit-packed, little end first."""
+    """DTYPE_UINT8 only: 0 = one value per byte; 1, 2 or 4 = values bit-packed, little end first."""
     raw_size: _builtins.int
     """Size in bytes of the payload after decompression (before unpacking bits)."""
     crc32: _builtins.int
@@ -97,7 +103,7 @@ class Tensor(_message.Message):
         self,
         *,
         shape: _abc.Iterable[_builtins.int] | None = ...,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         compression: Global___Compression.ValueType = ...,
         shuffled: _builtins.bool = ...,
         bits: _builtins.int = ...,

@@ -108,7 +108,7 @@ def check_test_pod(
         svc = services.get(host.split(".")[0], {})
         grpc_ports = [sp["port"] for sp in svc.get("spec", {}).get("ports", []) if sp["name"] == "grpc"]
         problems.check(grpc_ports == [int(port or 0)], where, f"test address {address} is not the gRPC Service")
-        problems.check(f"--service=asyndgan.v1.{role.capitalize()}" in cmd, where, "test checks another service")
+        problems.check(f"--service=asyndgan.v1.{role.capitalize()}Service" in cmd, where, "test checks another service")
         for f, v in zip(("cert", "key", "ca"), tls, strict=True):
             problems.check((f"--tls-{f}={v}" in cmd) == bool(v), where, f"test --tls-{f} differs from the workload")
         kind, port_name = "grpc", "grpc"

@@ -68,7 +68,7 @@ class DialOut:
                 break
             delay = min(delay * 2, self.backoff[1])
 
-    def _answer(self, work: fpb.Work) -> fpb.SiteMessage:
+    def _answer(self, work: fpb.JoinResponse) -> fpb.JoinRequest:
         call_id, method, request = wire.work_from_proto(work)
         reply: Message | None = None
         try:
@@ -85,11 +85,11 @@ class DialOut:
     def _stream(self) -> bool:
         """One Join stream until it ends; True if the generator sent work over it."""
         channel = make_channel(self.target, tls=self.tls, server_name=self.server_name if self.tls else None)
-        outbox: queue.Queue[fpb.SiteMessage | None] = queue.Queue()
+        outbox: queue.Queue[fpb.JoinRequest | None] = queue.Queue()
         outbox.put(wire.hello_to_proto(self.site.site_id, __version__))
         worked = False
         try:
-            self._call = call = fpb_grpc.FederationStub(channel).Join(iter(outbox.get, None))
+            self._call = call = fpb_grpc.FederationServiceStub(channel).Join(iter(outbox.get, None))
             if self._stop.is_set():
                 call.cancel()
             for work in call:

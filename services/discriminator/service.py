@@ -27,7 +27,7 @@ __all__ = ["DiscriminatorConfig", "build_site", "start_dial_out", "start_discrim
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Discriminator"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiscriminatorService"].full_name
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,14 @@ def start_discriminator(
     With ``registry``, gRPC server metrics and the site's own step count and losses are registered on it.
     The server reports SERVING only once data and model are loaded."""
     if registry is not None:
-        interceptors = (GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["Discriminator"]]), *interceptors)
+        interceptors = (
+            GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["DiscriminatorService"]]),
+            *interceptors,
+        )
     site = build_site(cfg, registry)
     server = make_server(
         cfg.listen,
-        lambda s: pb_grpc.add_DiscriminatorServicer_to_server(DiscriminatorServicer(site), s),
+        lambda s: pb_grpc.add_DiscriminatorServiceServicer_to_server(DiscriminatorServicer(site), s),
         [SERVICE_NAME],
         tls=cfg.tls,
         allowed_clients=cfg.allowed_clients,

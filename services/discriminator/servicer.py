@@ -18,24 +18,24 @@ from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
 __all__ = ["DiscriminatorServicer", "answer"]
 
 
-def _describe(site: Site, request: pb.DescribeRequest) -> pb.SiteInfo:
+def _describe(site: Site, request: pb.DescribeRequest) -> pb.DescribeResponse:
     return wire.site_info_to_proto(site.description)
 
 
-def _next_batch(site: Site, request: pb.BatchRequest) -> pb.ConditionBatch:
+def _next_batch(site: Site, request: pb.NextBatchRequest) -> pb.NextBatchResponse:
     label_codec = wire.batch_request_from_proto(request)
     batch = site.next_batch()
     return wire.batch_to_proto(batch.id, batch.labels, label_codec)
 
 
-def _step(site: Site, request: pb.StepRequest) -> pb.StepReply:
+def _step(site: Site, request: pb.StepRequest) -> pb.StepResponse:
     # Everything is validated before the site trains: a refused request changes nothing.
     work = wire.step_request_from_proto(request, site.description)
     answer = site.step(work.batch_id, work.fakes, work.modalities)
     return wire.step_reply_to_proto(answer, work.grad_codec, work.label_codec)
 
 
-def _checkpoint(site: Site, request: pb.CheckpointRequest) -> pb.CheckpointReply:
+def _checkpoint(site: Site, request: pb.CheckpointRequest) -> pb.CheckpointResponse:
     path = site.checkpoint()
     return wire.checkpoint_reply_to_proto(site.steps, path.name if path else "")
 
@@ -53,26 +53,26 @@ def answer(site: Site, method: str, request: Message) -> Message:
     return _HANDLERS[method](site, request)
 
 
-class DiscriminatorServicer(pb_grpc.DiscriminatorServicer):
+class DiscriminatorServicer(pb_grpc.DiscriminatorServiceServicer):
     def __init__(self, site: Site) -> None:
         self.site = site
 
     @translate_errors
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.SiteInfo:
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
         return _describe(self.site, request)
 
     @translate_errors
-    def NextBatch(self, request: pb.BatchRequest, context: grpc.ServicerContext) -> pb.ConditionBatch:
+    def NextBatch(self, request: pb.NextBatchRequest, context: grpc.ServicerContext) -> pb.NextBatchResponse:
         return _next_batch(self.site, request)
 
     @translate_errors
-    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         return _step(self.site, request)
 
     @translate_errors
-    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
         return _checkpoint(self.site, request)
 
     @translate_errors
-    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.SiteStatus:
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         return wire.site_status_to_proto(self.site.status())

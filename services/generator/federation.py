@@ -20,14 +20,14 @@ __all__ = ["FederationServicer"]
 log = logging.getLogger(__name__)
 
 
-class FederationServicer(fpb_grpc.FederationServicer):
+class FederationServicer(fpb_grpc.FederationServiceServicer):
     """Admits a Join stream only from a site configured as dial-out (``--site NAME``); with mutual TLS the
     client certificate must also name that site."""
 
     def __init__(self, sites: Mapping[str, JoinedSite], tls: bool) -> None:
         self.sites, self.tls = sites, tls
 
-    def _admit(self, first: fpb.SiteMessage, context: grpc.ServicerContext) -> JoinedSite:
+    def _admit(self, first: fpb.JoinRequest, context: grpc.ServicerContext) -> JoinedSite:
         try:
             name, version = wire.hello_from_proto(first)
         except BadRequest as e:
@@ -51,7 +51,7 @@ class FederationServicer(fpb_grpc.FederationServicer):
         return site
 
     @staticmethod
-    def _read(site: JoinedSite, session: Session, messages: Iterator[fpb.SiteMessage]) -> None:
+    def _read(site: JoinedSite, session: Session, messages: Iterator[fpb.JoinRequest]) -> None:
         details = "the site closed its stream"
         try:
             for message in messages:
@@ -62,7 +62,9 @@ class FederationServicer(fpb_grpc.FederationServicer):
             details = f"stream ended: {e}"
         site.detach(session, details)
 
-    def Join(self, request_iterator: Iterator[fpb.SiteMessage], context: grpc.ServicerContext) -> Iterator[fpb.Work]:
+    def Join(
+        self, request_iterator: Iterator[fpb.JoinRequest], context: grpc.ServicerContext
+    ) -> Iterator[fpb.JoinResponse]:
         first = next(request_iterator, None)
         if first is None:
             return

@@ -116,7 +116,10 @@ class GeneratorService:
         if registry is not None:
             metrics = GeneratorMetrics(registry, [name for name, _ in cfg.sites])
             observer = FanoutObserver(observer, metrics) if observer is not None else metrics
-            services = [gpb.DESCRIPTOR.services_by_name["Generator"], fpb.DESCRIPTOR.services_by_name["Federation"]]
+            services = [
+                gpb.DESCRIPTOR.services_by_name["GeneratorService"],
+                fpb.DESCRIPTOR.services_by_name["FederationService"],
+            ]
             interceptors = (GrpcServerMetrics(registry, services),)
         links = [SiteLink.dial(name, addr, cfg.tls) if addr else SiteLink.joined(name) for name, addr in cfg.sites]
         orch = Orchestrator(links, cfg.orchestrator, observer, training_settings(cfg.net, cfg.train))
@@ -131,18 +134,18 @@ class GeneratorService:
             service._build((state["height"], state["width"], state["num_classes"], tuple(state["modalities"])), state)
 
         def register(server: grpc.Server) -> None:
-            gpb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(service), server)
-            fpb_grpc.add_FederationServicer_to_server(FederationServicer(joined, cfg.tls is not None), server)
+            gpb_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(service), server)
+            fpb_grpc.add_FederationServiceServicer_to_server(FederationServicer(joined, cfg.tls is not None), server)
 
         service.server = make_server(
             cfg.listen,
             register,
-            [gpb.DESCRIPTOR.services_by_name["Generator"].full_name],
+            [gpb.DESCRIPTOR.services_by_name["GeneratorService"].full_name],
             tls=cfg.tls,
             allowed_clients=cfg.allowed_clients,
             interceptors=interceptors,
             workers=8 + len(joined),  # a Join stream holds a worker for its lifetime
-            open_services=[fpb.DESCRIPTOR.services_by_name["Federation"].full_name],
+            open_services=[fpb.DESCRIPTOR.services_by_name["FederationService"].full_name],
         )
         if cfg.port_file:
             write_bytes_atomic(cfg.port_file, str(service.server.port).encode())

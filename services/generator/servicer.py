@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 __all__ = ["GeneratorServicer"]
 
 
-class GeneratorServicer(pb_grpc.GeneratorServicer):
+class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     def __init__(self, service: GeneratorService) -> None:
         self.service = service
 
-    def _synthesize(self, request: pb.SynthesizeRequest) -> pb.SyntheticBatch:
+    def _synthesize(self, request: pb.SynthesizeRequest) -> pb.SynthesizeResponse:
         gen, svc = self.service.gen, self.service  # FAILED_PRECONDITION while there is no model yet
         labels, out_codec = wire.synthesize_request_from_proto(request, svc.height, svc.width, gen.num_classes)
         images = gen.synthesize(labels)  # waits for the training step that holds G, if any
@@ -31,7 +31,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     def Synthesize(
         self, request_iterator: Iterator[pb.SynthesizeRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.SyntheticBatch]:
+    ) -> Iterator[pb.SynthesizeResponse]:
         try:
             for request in request_iterator:
                 yield self._synthesize(request)
@@ -39,5 +39,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             context.abort(status_code_for(e), str(e)[:500])
 
     @translate_errors
-    def Status(self, request: pb.GeneratorStatusRequest, context: grpc.ServicerContext) -> pb.TrainingStatus:
+    def Status(
+        self, request: pb.GeneratorServiceStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GeneratorServiceStatusResponse:
         return wire.training_status_to_proto(self.service.status())

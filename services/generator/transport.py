@@ -67,7 +67,7 @@ class DialedSite:
         self.address = address
         self.server_name = name if tls else None
         self.channel = make_channel(address, tls=tls, server_name=self.server_name)
-        self.stub = pb_grpc.DiscriminatorStub(self.channel)
+        self.stub = pb_grpc.DiscriminatorServiceStub(self.channel)
 
     def call(self, method: str, request: Message, timeout: float) -> Pending:
         return getattr(self.stub, method).future(request, timeout=timeout)  # type: ignore[no-any-return]
@@ -84,7 +84,7 @@ class Session:
 
     def __init__(self, site: str, peer: str) -> None:
         self.site, self.peer = site, peer
-        self._outbox: queue.Queue[fpb.Work | None] = queue.Queue()
+        self._outbox: queue.Queue[fpb.JoinResponse | None] = queue.Queue()
         self._pending: dict[int, tuple[str, Future[Message], threading.Timer]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -117,7 +117,7 @@ class Session:
         if entry is not None:
             entry[1].set_exception(RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g} s"))
 
-    def resolve(self, message: fpb.SiteMessage) -> None:
+    def resolve(self, message: fpb.JoinRequest) -> None:
         """The site's answer to one work item (late answers to expired calls are dropped)."""
         call_id, body = wire.site_message_from_proto(message)
         entry = self._take(call_id)
@@ -143,7 +143,7 @@ class Session:
             fut.set_exception(self.ended)
         self._outbox.put(None)
 
-    def outgoing(self) -> Iterator[fpb.Work]:
+    def outgoing(self) -> Iterator[fpb.JoinResponse]:
         while (work := self._outbox.get()) is not None:
             yield work
 

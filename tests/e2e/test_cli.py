@@ -194,8 +194,17 @@ def bad_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 LABELS = "embedded:icbm152?site=0&of=3&size=32"
 
 
-@pytest.mark.parametrize("target", ["refused", "http", "tls-to-plaintext"])
-@pytest.mark.parametrize("command", ["synthesize", "audit-active", "audit-membership"])
+@pytest.mark.parametrize(
+    ("command", "target"),
+    [
+        ("synthesize", "refused"),
+        ("synthesize", "http"),
+        ("synthesize", "tls-to-plaintext"),
+        ("audit-active", "refused"),
+        ("audit-active", "http"),
+        ("audit-membership", "tls-to-plaintext"),
+    ],
+)
 def test_unreachable_wrong_tls_or_protocol_is_one_line(
     bad_targets: dict[str, Any], tmp_path: Path, command: str, target: str
 ) -> None:

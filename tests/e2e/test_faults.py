@@ -115,7 +115,7 @@ def test_killed_site_is_dropped_then_resumes_from_its_checkpoint(cluster: Cluste
     cluster.start_site(1, port=port1)  # the hospital restarts its container
     assert not stale.exists(), "the restarted site removed its stale temp file"
     channel = grpc.insecure_channel(f"127.0.0.1:{port1}")
-    resumed = dpb_grpc.DiscriminatorStub(channel).Status(dpb.StatusRequest(), timeout=30).steps
+    resumed = dpb_grpc.DiscriminatorServiceStub(channel).Status(dpb.StatusRequest(), timeout=30).steps
     channel.close()
     assert resumed == checkpointed, "the restarted site resumed from its own checkpoint"
     before = site_state(gen, "h1").steps_contributed

@@ -239,7 +239,9 @@ def test_unreachable_target_and_bad_input_fail_with_one_line(tmp_path: Path) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = site_spec()
-    with pytest.raises(AuditError, match=f"cannot reach discriminator at 127.0.0.1:{port}") as e:
+    with pytest.raises(
+        AuditError, match=f"cannot reach the discriminator: connection refused: nothing listens at 127.0.0.1:{port}"
+    ) as e:
         audit.run(cli_args("--target", f"127.0.0.1:{port}", "--data", spec, "--attack", "active"))
     assert "\n" not in str(e.value)
     with pytest.raises(AuditError, match="--data"):

@@ -59,7 +59,7 @@ def probe(port: int, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def health_server(tls: TlsConfig | None = None) -> Server:
-    return make_server("127.0.0.1:0", lambda _s: None, ["asyndgan.v1.Discriminator"], tls=tls)
+    return make_server("127.0.0.1:0", lambda _s: None, ["asyndgan.v1.DiscriminatorService"], tls=tls)
 
 
 def test_health_probe_follows_the_serving_state() -> None:
@@ -69,7 +69,7 @@ def test_health_probe_follows_the_serving_state() -> None:
         server.set_serving(True)
         ok = probe(server.port)
         assert ok.returncode == 0 and "SERVING" in ok.stdout
-        assert probe(server.port, "--service=asyndgan.v1.Discriminator").returncode == 0
+        assert probe(server.port, "--service=asyndgan.v1.DiscriminatorService").returncode == 0
     finally:
         server.stop(grace=0)
     down = probe(server.port)

@@ -119,7 +119,9 @@ def join(port: int, name: str, tls: Any = None) -> grpc.RpcError:
 
     channel = make_channel(f"127.0.0.1:{port}", tls=tls, server_name="generator" if tls else None)
     try:
-        for _ in fpb_grpc.FederationStub(channel).Join(iter([wire.hello_to_proto(name, __version__)]), timeout=10):
+        for _ in fpb_grpc.FederationServiceStub(channel).Join(
+            iter([wire.hello_to_proto(name, __version__)]), timeout=10
+        ):
             pass
     except grpc.RpcError as e:
         return e
@@ -167,7 +169,7 @@ def join_and_hold(port: int, name: str, seconds: float = 1.0) -> None:
         hang_up.wait(10)
 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    call = fpb_grpc.FederationStub(channel).Join(messages())
+    call = fpb_grpc.FederationServiceStub(channel).Join(messages())
     time.sleep(seconds)
     call.cancel()
     hang_up.set()

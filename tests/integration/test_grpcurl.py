@@ -65,8 +65,8 @@ class Services:
     @property
     def targets(self) -> dict[str, str]:
         return {
-            "asyndgan.v1.Discriminator": f"127.0.0.1:{self.site.port}",
-            "asyndgan.v1.Generator": f"127.0.0.1:{self.gen.server.port}",
+            "asyndgan.v1.DiscriminatorService": f"127.0.0.1:{self.site.port}",
+            "asyndgan.v1.GeneratorService": f"127.0.0.1:{self.gen.server.port}",
         }
 
 
@@ -95,24 +95,28 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         server.stop(grace=0)
 
 
-SERVICES = ["asyndgan.v1.Discriminator", "asyndgan.v1.Generator"]
+SERVICES = ["asyndgan.v1.DiscriminatorService", "asyndgan.v1.GeneratorService"]
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_list_shows_the_service_health_and_reflection(services: Services, service: str) -> None:
     listed = grpcurl("-plaintext", services.targets[service], "list").stdout.split()
     # The generator's port is also the join port of dial-out sites.
-    joins = {"asyndgan.v1.Federation"} if service == "asyndgan.v1.Generator" else set()
+    joins = {"asyndgan.v1.FederationService"} if service == "asyndgan.v1.GeneratorService" else set()
     assert set(listed) == {service, *joins, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
 
 
 @pytest.mark.parametrize(
     ("service", "rpc"),
     [
-        ("asyndgan.v1.Discriminator", "rpc Step ( .asyndgan.v1.StepRequest ) returns ( .asyndgan.v1.StepReply );"),
         (
-            "asyndgan.v1.Generator",
-            "rpc Synthesize ( stream .asyndgan.v1.SynthesizeRequest ) returns ( stream .asyndgan.v1.SyntheticBatch );",
+            "asyndgan.v1.DiscriminatorService",
+            "rpc Step ( .asyndgan.v1.StepRequest ) returns ( .asyndgan.v1.StepResponse );",
+        ),
+        (
+            "asyndgan.v1.GeneratorService",
+            "rpc Synthesize ( stream .asyndgan.v1.SynthesizeRequest )"
+            " returns ( stream .asyndgan.v1.SynthesizeResponse );",
         ),
     ],
 )
@@ -135,16 +139,16 @@ def test_health_check_serving(services: Services, service: str) -> None:
 
 
 def test_discriminator_status_and_describe(services: Services) -> None:
-    target = services.targets["asyndgan.v1.Discriminator"]
-    status = call("-plaintext", target, "asyndgan.v1.Discriminator/Status")
+    target = services.targets["asyndgan.v1.DiscriminatorService"]
+    status = call("-plaintext", target, "asyndgan.v1.DiscriminatorService/Status")
     assert status["site_id"] == SITE and status["serving"] is True and status["steps"] == "2"
     assert {t["network"] for t in status["last_losses"]} == {"D", "G"}
-    info = call("-plaintext", target, "asyndgan.v1.Discriminator/Describe")
+    info = call("-plaintext", target, "asyndgan.v1.DiscriminatorService/Describe")
     assert info["site_id"] == SITE and info["modalities"] == ["t1"] and info["height"] == 32
 
 
 def test_generator_status(services: Services) -> None:
-    status = call("-plaintext", services.targets["asyndgan.v1.Generator"], "asyndgan.v1.Generator/Status")
+    status = call("-plaintext", services.targets["asyndgan.v1.GeneratorService"], "asyndgan.v1.GeneratorService/Status")
     assert status["step"] == "2" and status["target_steps"] == "2" and status["modalities"] == ["t1"]
     assert [s["site_id"] for s in status["sites"]] == [SITE]
     assert int(status["wire_bytes_sent"]) > 0 and int(status["wire_bytes_received"]) > 0
@@ -166,9 +170,9 @@ def test_grpcurl_with_mutual_tls(tmp_path: Path) -> None:
         target = f"127.0.0.1:{server.port}"
         client = ["-cacert", str(tmp_path / "ca.pem"), "-cert", str(tmp_path / "operator.pem"),
                   "-key", str(tmp_path / "operator.key"), "-servername", SITE]  # fmt: skip
-        assert "asyndgan.v1.Discriminator" in grpcurl(*client, target, "list").stdout.split()
+        assert "asyndgan.v1.DiscriminatorService" in grpcurl(*client, target, "list").stdout.split()
         assert call(*client, target, "grpc.health.v1.Health/Check") == {"status": "SERVING"}
-        assert call(*client, target, "asyndgan.v1.Discriminator/Status")["site_id"] == SITE
+        assert call(*client, target, "asyndgan.v1.DiscriminatorService/Status")["site_id"] == SITE
         # Plaintext, or TLS without a client certificate, is refused.
         assert grpcurl("-plaintext", "-connect-timeout", "3", target, "list", ok=False).returncode != 0
         no_cert = ["-cacert", str(tmp_path / "ca.pem"), "-servername", SITE, "-connect-timeout", "3"]

@@ -46,8 +46,8 @@ def test_budget_exhaustion_finishes_the_site_and_training_goes_on(tmp_path: Path
         site, server = guarded[0]
         assert site.privacy().exhausted and site.privacy().epsilon_spent == pytest.approx(g.epsilon_spent)
         with make_channel(f"127.0.0.1:{server.port}") as ch:
-            stub = pb_grpc.DiscriminatorStub(ch)
-            b = stub.NextBatch(pb.BatchRequest(), timeout=10)
+            stub = pb_grpc.DiscriminatorServiceStub(ch)
+            b = stub.NextBatch(pb.NextBatchRequest(), timeout=10)
             work = StepWork(b.batch_id, torch.zeros(BATCH, 1, 32, 32), ("t1",), 0, codec.IMAGE_CODEC, codec.LABEL_CODEC)
             with pytest.raises(grpc.RpcError) as err:
                 stub.Step(wire.step_request_to_proto(work, codec.LOSSLESS), timeout=10)

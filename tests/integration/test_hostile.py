@@ -63,16 +63,16 @@ def bomb(n_bytes: int) -> tensor_pb2.Tensor:
     """A small message whose zstd payload claims/expands to n_bytes of zeros."""
     data = zstandard.ZstdCompressor(level=19).compress(bytes(n_bytes))
     n = n_bytes // 4
-    return tensor_pb2.Tensor(shape=[n, 1, 1, 1], dtype=tensor_pb2.FLOAT32, compression=tensor_pb2.ZSTD,
-                             data=data, raw_size=n_bytes, crc32=0)  # fmt: skip
+    return tensor_pb2.Tensor(shape=[n, 1, 1, 1], dtype=tensor_pb2.DTYPE_FLOAT32,
+                             compression=tensor_pb2.COMPRESSION_ZSTD, data=data, raw_size=n_bytes, crc32=0)  # fmt: skip
 
 
 def fake_cases(rng: np.random.Generator) -> list[tuple[tensor_pb2.Tensor, set[grpc.StatusCode]]]:
     """(fakes tensor, acceptable codes) — each malformed in its own way."""
     ok = torch.zeros(BATCH, 1, SIZE, SIZE)
     good = codec.encode(ok, "f32")
-    short = tensor([BATCH, 1, SIZE, SIZE], tensor_pb2.FLOAT32, good.data[:-4])
-    bad_crc = tensor([BATCH, 1, SIZE, SIZE], tensor_pb2.FLOAT32, good.data, crc32=good.crc32 ^ 1)
+    short = tensor([BATCH, 1, SIZE, SIZE], tensor_pb2.DTYPE_FLOAT32, good.data[:-4])
+    bad_crc = tensor([BATCH, 1, SIZE, SIZE], tensor_pb2.DTYPE_FLOAT32, good.data, crc32=good.crc32 ^ 1)
     nan = codec.encode(torch.full((BATCH, 1, SIZE, SIZE), float("nan")), "f32")
     inf = codec.encode(torch.full((BATCH, 1, SIZE, SIZE), float("inf")), "bf16")
     return [
@@ -83,8 +83,8 @@ def fake_cases(rng: np.random.Generator) -> list[tuple[tensor_pb2.Tensor, set[gr
         (short, {INVALID}),  # payload does not match the declared shape
         (bad_crc, {INVALID}),
         (tensor([BATCH, 1, SIZE, SIZE], 99, good.data), {INVALID}),  # unknown dtype
-        (tensor([-1, 1, SIZE, SIZE], tensor_pb2.FLOAT32, good.data), {INVALID}),
-        (tensor([2**40, 2**40], tensor_pb2.FLOAT32, b""), {EXHAUSTED}),
+        (tensor([-1, 1, SIZE, SIZE], tensor_pb2.DTYPE_FLOAT32, good.data), {INVALID}),
+        (tensor([2**40, 2**40], tensor_pb2.DTYPE_FLOAT32, b""), {EXHAUSTED}),
         (codec.encode(torch.zeros(64, 16, SIZE, SIZE), "bf16+zstd"), {EXHAUSTED}),  # oversized batch
         (bomb(256 << 20), {EXHAUSTED}),  # decompression bomb
         (nan, {INVALID}),
@@ -92,9 +92,9 @@ def fake_cases(rng: np.random.Generator) -> list[tuple[tensor_pb2.Tensor, set[gr
         (
             tensor(
                 [BATCH, 1, SIZE, SIZE],
-                tensor_pb2.FLOAT32,
+                tensor_pb2.DTYPE_FLOAT32,
                 rng.bytes(100),
-                compression=tensor_pb2.ZSTD,
+                compression=tensor_pb2.COMPRESSION_ZSTD,
                 raw_size=BATCH * SIZE * SIZE * 4,
             ),
             {INVALID},
@@ -144,17 +144,17 @@ def test_malformed_messages_are_refused_and_services_survive(services: tuple[int
     rng = np.random.default_rng(0)
     site_ch = grpc.insecure_channel(f"127.0.0.1:{site_port}")
     gen_ch = grpc.insecure_channel(f"127.0.0.1:{gen_port}")
-    site = dpb_grpc.DiscriminatorStub(site_ch)
-    gen = gpb_grpc.GeneratorStub(gen_ch)
+    site = dpb_grpc.DiscriminatorServiceStub(site_ch)
+    gen = gpb_grpc.GeneratorServiceStub(gen_ch)
     grpc.channel_ready_future(site_ch).result(timeout=30)
     # Wait until the generator finished its one training step (the site is then idle and consistent).
     deadline = time.monotonic() + 120
-    while (s := gen.Status(gpb.GeneratorStatusRequest(), timeout=30)).training or s.step < 1:
+    while (s := gen.Status(gpb.GeneratorServiceStatusRequest(), timeout=30)).training or s.step < 1:
         assert time.monotonic() < deadline, "the generator did not train its step"
         time.sleep(0.2)
 
     def valid_round() -> None:
-        batch = site.NextBatch(dpb.BatchRequest(), timeout=30)
+        batch = site.NextBatch(dpb.NextBatchRequest(), timeout=30)
         fakes = codec.encode(torch.zeros(BATCH, 1, SIZE, SIZE))
         reply = site.Step(dpb.StepRequest(batch_id=batch.batch_id, fakes=fakes, modalities=["t1"]), timeout=30)
         assert reply.next.batch_id == batch.batch_id + 1
@@ -168,12 +168,12 @@ def test_malformed_messages_are_refused_and_services_survive(services: tuple[int
     valid_round()
     rss_before = rss_mb(site_pid), rss_mb(gen_pid)
     methods = {
-        "/asyndgan.v1.Discriminator/Step": site_ch,
-        "/asyndgan.v1.Discriminator/NextBatch": site_ch,
-        "/asyndgan.v1.Discriminator/Describe": site_ch,
-        "/asyndgan.v1.Discriminator/Checkpoint": site_ch,
-        "/asyndgan.v1.Discriminator/Status": site_ch,
-        "/asyndgan.v1.Generator/Status": gen_ch,
+        "/asyndgan.v1.DiscriminatorService/Step": site_ch,
+        "/asyndgan.v1.DiscriminatorService/NextBatch": site_ch,
+        "/asyndgan.v1.DiscriminatorService/Describe": site_ch,
+        "/asyndgan.v1.DiscriminatorService/Checkpoint": site_ch,
+        "/asyndgan.v1.DiscriminatorService/Status": site_ch,
+        "/asyndgan.v1.GeneratorService/Status": gen_ch,
     }
     cases = fake_cases(rng)
     labels_ok = codec.encode(torch.zeros(2, SIZE, SIZE, dtype=torch.uint8), "labels")
@@ -183,10 +183,10 @@ def test_malformed_messages_are_refused_and_services_survive(services: tuple[int
         (codec.encode(torch.zeros(2, SIZE, SIZE)), {INVALID}),  # float labels
         (codec.encode(torch.zeros(512, SIZE, SIZE, dtype=torch.uint8), "labels"), {EXHAUSTED}),
         (bomb(64 << 20), {EXHAUSTED, INVALID}),
-        (tensor([2, SIZE, SIZE], tensor_pb2.UINT8, labels_ok.data[:-1]), {INVALID}),
+        (tensor([2, SIZE, SIZE], tensor_pb2.DTYPE_UINT8, labels_ok.data[:-1]), {INVALID}),
     ]
     sent = 0
-    outstanding = site.NextBatch(dpb.BatchRequest(), timeout=30).batch_id
+    outstanding = site.NextBatch(dpb.NextBatchRequest(), timeout=30).batch_id
     while sent < N_MESSAGES:
         kind = sent % 5
         if kind == 0:  # random bytes to every method
@@ -198,7 +198,7 @@ def test_malformed_messages_are_refused_and_services_survive(services: tuple[int
                 except grpc.RpcError as e:
                     assert e.code() in {INVALID, PRECONDITION}, (method, e.code(), e.details())
                 sent += 1
-            synth = gen_ch.stream_stream("/asyndgan.v1.Generator/Synthesize")
+            synth = gen_ch.stream_stream("/asyndgan.v1.GeneratorService/Synthesize")
             payload = rng.bytes(int(rng.integers(1, 2000)))
             expect(lambda p=payload, f=synth: list(f(iter([p]), timeout=30)), {INVALID}, "random stream")
             sent += 1

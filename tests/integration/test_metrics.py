@@ -202,7 +202,7 @@ def test_summary_bytes_agree_with_metrics(trained: tuple[Cluster, dict[str, Any]
 def test_grpc_server_metrics_cover_unary_and_streaming_calls(trained: tuple[Cluster, dict[str, Any]]) -> None:
     cluster, summary = trained
     _, server, site_reg = cluster.sites[0]
-    unary = {"grpc_type": "unary", "grpc_service": "asyndgan.v1.Discriminator"}
+    unary = {"grpc_type": "unary", "grpc_service": "asyndgan.v1.DiscriminatorService"}
     steps = summary["steps_this_run"]
     assert value(site_reg, "grpc_server_handled_total", grpc_method="Step", grpc_code="OK", **unary) == steps
     assert value(site_reg, "grpc_server_handling_seconds_count", grpc_method="Step", **unary) == steps
@@ -212,7 +212,7 @@ def test_grpc_server_metrics_cover_unary_and_streaming_calls(trained: tuple[Clus
 
     # A failing unary call is counted with its status code.
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        stub = dpb_grpc.DiscriminatorStub(ch)
+        stub = dpb_grpc.DiscriminatorServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             stub.Step(dpb.StepRequest(batch_id=10**9), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # fakes missing
@@ -221,7 +221,7 @@ def test_grpc_server_metrics_cover_unary_and_streaming_calls(trained: tuple[Clus
     assert value(site_reg, "grpc_server_handled_total", grpc_method="Status", grpc_code="OK", **unary) == 1
 
     # Bidirectional streaming (Synthesize): one call, messages counted both ways; an aborted stream too.
-    bidi = {"grpc_type": "bidi_stream", "grpc_service": "asyndgan.v1.Generator", "grpc_method": "Synthesize"}
+    bidi = {"grpc_type": "bidi_stream", "grpc_service": "asyndgan.v1.GeneratorService", "grpc_method": "Synthesize"}
     reg = cluster.registry
     with GeneratorClient(f"127.0.0.1:{cluster.gen.server.port}", timeout=30) as client:
         images, _ = client.synthesize(np.zeros((5, 32, 32), np.uint8), batch_size=2)
@@ -247,7 +247,7 @@ def test_grpc_server_metrics_cover_unary_and_streaming_calls(trained: tuple[Clus
 
     with grpc.insecure_channel(f"127.0.0.1:{cluster.gen.server.port}") as ch:
         for _ in range(abandoned):
-            stream = gpb_grpc.GeneratorStub(ch).Synthesize(requests(), timeout=30)
+            stream = gpb_grpc.GeneratorServiceStub(ch).Synthesize(requests(), timeout=30)
             next(stream)
             stream.cancel()
         deadline = time.monotonic() + 30
@@ -403,7 +403,7 @@ def test_health_serving_only_when_loaded_and_not_serving_during_shutdown(
         # Reachable before it is ready: NOT_SERVING; SERVING once data and model are loaded.
         assert site_seen == ["NOT_SERVING"]
         assert health_status(server.port) == "SERVING"
-        assert health_status(server.port, "asyndgan.v1.Discriminator") == "SERVING"
+        assert health_status(server.port, "asyndgan.v1.DiscriminatorService") == "SERVING"
         gen = GeneratorService.start(
             GeneratorConfig(
                 sites=(("hospital-0", f"127.0.0.1:{server.port}"),),
@@ -415,9 +415,9 @@ def test_health_serving_only_when_loaded_and_not_serving_during_shutdown(
             )
         )
         assert gen_seen == ["NOT_SERVING"]
-        assert health_status(gen.server.port, "asyndgan.v1.Generator") == "SERVING"
+        assert health_status(gen.server.port, "asyndgan.v1.GeneratorService") == "SERVING"
         # Graceful shutdown: NOT_SERVING first, then the server drains and stops.
-        assert watch_until_not_serving(gen.server, "asyndgan.v1.Generator") == ["SERVING", "NOT_SERVING"]
+        assert watch_until_not_serving(gen.server, "asyndgan.v1.GeneratorService") == ["SERVING", "NOT_SERVING"]
         assert watch_until_not_serving(server, "") == ["SERVING", "NOT_SERVING"]
     finally:
         if gen is not None:

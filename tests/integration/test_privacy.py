@@ -103,7 +103,7 @@ def test_no_real_image_leaves_a_site(tmp_path: Path, caplog: pytest.LogCaptureFi
             assert not any(w in wire for w in windows if len(set(w)) > 8), f"real bytes in {method}"
             for t in tensors(msg):
                 x = codec.decode(t).numpy()
-                if t.dtype == tensor_pb2.UINT8:
+                if t.dtype == tensor_pb2.DTYPE_UINT8:
                     assert x.ndim == 3 and int(x.max()) < data.num_classes  # label maps only
                     continue
                 n_float += 1

@@ -24,10 +24,10 @@ def tls_for(directory: Path, name: str) -> TlsConfig:
     return TlsConfig(directory / f"{name}.pem", directory / f"{name}.key", directory / "ca.pem")
 
 
-def describe(port: int, tls: TlsConfig | None, name: str = "site-0") -> pb.SiteInfo:
+def describe(port: int, tls: TlsConfig | None, name: str = "site-0") -> pb.DescribeResponse:
     channel = make_channel(f"127.0.0.1:{port}", tls=tls, server_name=name if tls else None)
     try:
-        return pb_grpc.DiscriminatorStub(channel).Describe(pb.DescribeRequest(), timeout=5)
+        return pb_grpc.DiscriminatorServiceStub(channel).Describe(pb.DescribeRequest(), timeout=5)
     finally:
         channel.close()
 
@@ -84,7 +84,7 @@ def test_allow_list_admits_only_the_generator(tmp_path: Path, pki: tuple[Path, P
     certificate cannot call the site (PERMISSION_DENIED, counted in the metrics) but can still probe health."""
     good, _ = pki
     registry = CollectorRegistry()
-    metrics = GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["Discriminator"]])
+    metrics = GrpcServerMetrics(registry, [pb.DESCRIPTOR.services_by_name["DiscriminatorService"]])
     sites = start_sites(
         1, tmp_path, tls=tls_for(good, "site-0"), allowed_clients=("generator",), interceptors={0: (metrics,)}
     )
@@ -94,7 +94,7 @@ def test_allow_list_admits_only_the_generator(tmp_path: Path, pki: tuple[Path, P
         with pytest.raises(grpc.RpcError) as denied:
             describe(port, tls_for(good, "site-1"))
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        labels = {"grpc_type": "unary", "grpc_service": "asyndgan.v1.Discriminator", "grpc_method": "Describe"}
+        labels = {"grpc_type": "unary", "grpc_service": "asyndgan.v1.DiscriminatorService", "grpc_method": "Describe"}
         assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "PERMISSION_DENIED"}) == 1
         channel = make_channel(f"127.0.0.1:{port}", tls=tls_for(good, "site-1"), server_name="site-0")
         try:

@@ -273,12 +273,12 @@ def test_defaults() -> None:
     assert str(IMAGE_CODEC) == "bf16+zstd" and IMAGE_CODEC.level == 1
     assert str(LOSSLESS) == "f32" and str(LABEL_CODEC) == "u8+zstd"
     img = encode(_image())
-    assert (img.dtype, img.compression, img.shuffled) == (tensor_pb2.BFLOAT16, tensor_pb2.ZSTD, True)
+    assert (img.dtype, img.compression, img.shuffled) == (tensor_pb2.DTYPE_BFLOAT16, tensor_pb2.COMPRESSION_ZSTD, True)
     assert wire_nbytes(img) < raw_nbytes(img) / 2.5
     labels = _labels(classes=4)
     assert int(labels.max()) == 3
     lab = encode(labels, LABEL_CODEC)
-    assert (lab.dtype, lab.compression, lab.bits) == (tensor_pb2.UINT8, tensor_pb2.ZSTD, 2)
+    assert (lab.dtype, lab.compression, lab.bits) == (tensor_pb2.DTYPE_UINT8, tensor_pb2.COMPRESSION_ZSTD, 2)
     assert lab.raw_size == labels.numel() // 4
     assert wire_nbytes(lab) < lab.raw_size / 2
     assert torch.equal(decode(lab), labels)
@@ -397,7 +397,11 @@ def test_zstd_and_lz4_bombs_are_refused_without_allocating() -> None:
     assert zstandard.frame_content_size(bomb) == size and len(bomb) < 1 << 20
     # Honest header: the declared size alone is over the limit.
     honest = tensor_pb2.Tensor(
-        shape=[size // 4], dtype=tensor_pb2.FLOAT32, compression=tensor_pb2.ZSTD, raw_size=size, data=bomb
+        shape=[size // 4],
+        dtype=tensor_pb2.DTYPE_FLOAT32,
+        compression=tensor_pb2.COMPRESSION_ZSTD,
+        raw_size=size,
+        data=bomb,
     )
     assert _peak_bytes(lambda: _raises(LimitExceeded, honest, limits)) < 20 << 20
     # Lying header: a 1 MB tensor whose zstd frame declares 200 MB.
@@ -410,9 +414,11 @@ def test_zstd_and_lz4_bombs_are_refused_without_allocating() -> None:
     # lz4 expands at most 255x: a short block claiming 64 MB is refused before allocating, and
     # a block that expands past raw_size stops there.
     lz4_bomb = lz4.block.compress(bytes(64 << 20), store_size=False)
-    short = _mutated(lying, compression=tensor_pb2.LZ4, data=lz4_bomb[:1000], shape=[16 << 20], raw_size=64 << 20)
+    short = _mutated(
+        lying, compression=tensor_pb2.COMPRESSION_LZ4, data=lz4_bomb[:1000], shape=[16 << 20], raw_size=64 << 20
+    )
     assert _peak_bytes(lambda: _raises(CodecError, short, Limits())) < 1 << 20
-    long = _mutated(lying, compression=tensor_pb2.LZ4, data=lz4_bomb)
+    long = _mutated(lying, compression=tensor_pb2.COMPRESSION_LZ4, data=lz4_bomb)
     assert _peak_bytes(lambda: _raises(CodecError, long, limits)) < 20 << 20
 
 
@@ -422,7 +428,7 @@ def _decode_only_codec_errors(msg: tensor_pb2.Tensor) -> None:
     except CodecError:
         return
     assert tuple(out.shape) == tuple(msg.shape)
-    assert out.dtype == (torch.uint8 if msg.dtype == tensor_pb2.UINT8 else torch.float32)
+    assert out.dtype == (torch.uint8 if msg.dtype == tensor_pb2.DTYPE_UINT8 else torch.float32)
 
 
 @FAST

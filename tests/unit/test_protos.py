@@ -25,7 +25,7 @@ def test_generated_stubs_match_protos(tmp_path: Path) -> None:
 def test_services_are_declared() -> None:
     from asyndgan.v1 import discriminator_pb2, generator_pb2
 
-    d = discriminator_pb2.DESCRIPTOR.services_by_name["Discriminator"]
+    d = discriminator_pb2.DESCRIPTOR.services_by_name["DiscriminatorService"]
     assert {m.name for m in d.methods} == {"Describe", "NextBatch", "Step", "Checkpoint", "Status"}
-    g = generator_pb2.DESCRIPTOR.services_by_name["Generator"]
+    g = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"]
     assert g.methods_by_name["Synthesize"].server_streaming and g.methods_by_name["Synthesize"].client_streaming
