@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from asyndgan.codec import LOSSLESS, Codec, roundtrip
 from asyndgan.data import SiteData
 from asyndgan.errors import SiteStepError
 from asyndgan.messages import LossTerm, StepAnswer, TrainingSettings
@@ -201,6 +202,8 @@ class SiteTrainer:
         self.steps = 0
         self.last_losses: list[LossTerm] = []
         self.guard: SiteGuard | None = None
+        # Error feedback: what the gradient codec rounded away last step, carried into the next gradient.
+        self.residual: torch.Tensor | None = None
 
     def next_batch(self) -> Batch:
         return self.sampler.next()
@@ -220,8 +223,11 @@ class SiteTrainer:
         if not bool(torch.isfinite(fakes).all()):
             raise SiteStepError("fakes contain NaN or Inf")
 
-    def step(self, batch: Batch, fakes: torch.Tensor, channels: Sequence[str]) -> torch.Tensor:
-        """D update(s), then d(G loss)/d(fakes) with the updated D(s); zeros for channels the site lacks."""
+    def step(
+        self, batch: Batch, fakes: torch.Tensor, channels: Sequence[str], grad_codec: Codec = LOSSLESS
+    ) -> torch.Tensor:
+        """D update(s), then d(G loss)/d(fakes) with the updated D(s); zeros for channels the site lacks.
+        With a lossy ``grad_codec`` the result is exactly what that codec carries (:meth:`feed_back`)."""
         self.check_fakes(batch, fakes, channels)
         cond = one_hot(batch.labels.to(self.device), self.num_classes)
         fake = fakes.detach().to(self.device, torch.float32).requires_grad_(True)
@@ -232,7 +238,23 @@ class SiteTrainer:
             grad, losses = self.guard.step(self, batch.labels, cond, fake, pairs)
         self.steps += 1
         self.last_losses = losses
-        return grad.detach()
+        return self.feed_back(grad.detach(), grad_codec)
+
+    def feed_back(self, grad: torch.Tensor, grad_codec: Codec) -> torch.Tensor:
+        """Error feedback: send ``roundtrip(grad + residual)`` and keep what the codec rounds away for the next
+        step, so over the steps G receives the gradients' sum, not their rounded sum. The residual lives in image
+        space: image i's residual goes to image i mod B of the next batch (a changed batch size keeps its sum)."""
+        if grad_codec.lossless:
+            self.residual = None
+            return grad
+        total = grad
+        r = self.residual
+        if r is not None and r.shape[1:] == grad.shape[1:]:
+            index = torch.arange(r.shape[0], device=r.device) % grad.shape[0]
+            total = grad.index_add(0, index.to(grad.device), r.to(grad.device))
+        sent = roundtrip(total, grad_codec)
+        self.residual = total - sent
+        return sent
 
     def _paper_step(
         self, batch: Batch, cond: torch.Tensor, fake: torch.Tensor, pairs: list[tuple[str, int, int]]
@@ -268,6 +290,7 @@ class SiteTrainer:
             "sampler": self.sampler.state_dict(),
             "steps": self.steps,
             "modalities": list(self.modalities),
+            "residual": self.residual,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -278,6 +301,8 @@ class SiteTrainer:
             o.load_state_dict(state["optimizers"][m])
         self.sampler.load_state_dict(state["sampler"])
         self.steps = int(state["steps"])
+        residual = state.get("residual")  # absent in checkpoints from before error feedback
+        self.residual = None if residual is None else residual.to(self.device)
 
 
 def training_settings(net: NetConfig, train: TrainConfig) -> TrainingSettings:

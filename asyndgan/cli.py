@@ -178,6 +178,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             modalities=a.modalities,
             missing=a.missing,
             codec=a.codec,
+            grad_codec=a.grad_codec,
             generator_threads=a.generator_threads,
             site_threads=a.site_threads,
             metrics=a.metrics,
@@ -344,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file")
     p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
     p.add_argument(
+        "--grad-codec",
+        default="",
+        help="codec for the sites' gradients instead of --codec, e.g. q8+zstd (8 bits, error feedback at the site)",
+    )
+    p.add_argument(
         "--deadline",
         type=float,
         default=60.0,
@@ -376,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the processes (PASSIVE, ACTIVE, default)"
     )
-    p.add_argument("--codec", default="")
+    p.add_argument("--codec", default="", help="the generator's --codec")
+    p.add_argument("--grad-codec", default="", help="the generator's --grad-codec")
     p.add_argument("--generator-threads", type=int, default=0, help="torch threads of the generator (0 = all)")
     p.add_argument("--site-threads", type=int, default=1, help="torch threads of each discriminator process")
     p.add_argument(

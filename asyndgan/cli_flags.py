@@ -208,7 +208,7 @@ def generator_config(a: argparse.Namespace) -> GeneratorConfig:
         orchestrator=OrchestratorConfig(
             step_deadline_s=a.deadline,
             image_codec=codec_name or OrchestratorConfig.image_codec,
-            grad_codec=codec_name or OrchestratorConfig.grad_codec,
+            grad_codec=a.grad_codec or codec_name or OrchestratorConfig.grad_codec,
         ),
         out=Path(a.out) if a.out else None,
         heldout=a.heldout,

@@ -1,7 +1,10 @@
 """Wire codec: torch/numpy tensors <-> ``asyndgan.v1.Tensor`` messages.
 
-Floats travel as f32, bf16 or f16 (cast by torch, decoded to float32); label maps travel as
-uint8, bit-packed to 1, 2 or 4 bits when their values allow. Payloads are optionally compressed
+Floats travel as f32, bf16 or f16 (cast by torch, decoded to float32) or as q8: signed 8-bit codes
+with one float32 scale per block of :data:`Q8_BLOCK` elements (absmax scaling, round to nearest);
+label maps travel as uint8, bit-packed to 1, 2 or 4 bits when their values allow.
+:func:`roundtrip` gives what a float tensor decodes to without encoding it (the sites' error
+feedback carries the difference to the next step). Payloads are optionally compressed
 with zstd or lz4 (floats are byte-shuffled first, which is what makes them compressible).
 
 :func:`decode` treats every message as hostile: it checks the header against :class:`Limits`
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import lz4.block
 import numpy as np
 import torch
+import torch.nn.functional as F
 import zstandard
 
 from asyndgan.v1 import tensor_pb2
@@ -35,6 +39,7 @@ __all__ = [
     "IMAGE_CODEC",
     "LABEL_CODEC",
     "LOSSLESS",
+    "Q8_BLOCK",
     "Codec",
     "CodecError",
     "LimitExceeded",
@@ -42,6 +47,7 @@ __all__ = [
     "decode",
     "encode",
     "raw_nbytes",
+    "roundtrip",
     "wire_nbytes",
 ]
 
@@ -68,10 +74,12 @@ _COMPRESSIONS: dict[str, tensor_pb2.Compression.ValueType] = {
 _ALIASES = {"raw": "f32", "labels": "u8+zstd"}
 _MIN_ZSTD_LEVEL = -(1 << 17)
 _SPEC_HELP = (
-    "valid forms: DTYPE[+COMPRESSION][:LEVEL] with DTYPE in f32|bf16|f16|u8, COMPRESSION in "
+    "valid forms: DTYPE[+COMPRESSION][:LEVEL] with DTYPE in f32|bf16|f16|q8|u8, COMPRESSION in "
     "none|zstd|lz4 and LEVEL a zstd level (zstd only), or the aliases 'raw' (= f32) and "
-    "'labels' (= u8+zstd); e.g. 'bf16+zstd', 'bf16+zstd:3', 'f16+lz4', 'labels'"
+    "'labels' (= u8+zstd); e.g. 'bf16+zstd', 'bf16+zstd:3', 'q8+zstd', 'f16+lz4', 'labels'"
 )
+Q8_BLOCK = 64  # elements per q8 scale: one 64-px image row
+_Q8_MAX_BLOCK = 1 << 20
 
 # Wire dtype -> bytes per element after decompression (before unpacking bits).
 _ITEMSIZE: dict[int, int] = {
@@ -79,6 +87,7 @@ _ITEMSIZE: dict[int, int] = {
     tensor_pb2.DTYPE_BFLOAT16: 2,
     tensor_pb2.DTYPE_FLOAT16: 2,
     tensor_pb2.DTYPE_UINT8: 1,
+    tensor_pb2.DTYPE_INT8_BLOCK: 1,  # plus 4 bytes per block (see _expected_size)
 }
 _PACK_BITS = (0, 1, 2, 4)
 _MINMAX_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -88,12 +97,12 @@ _MINMAX_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 class Codec:
     """How a tensor is put on the wire; build one with :meth:`parse`."""
 
-    dtype: str  # "f32" | "bf16" | "f16" | "u8"
+    dtype: str  # "f32" | "bf16" | "f16" | "q8" | "u8"
     compression: str  # "none" | "zstd" | "lz4"
     level: int = 1  # zstd level
 
     def __post_init__(self) -> None:
-        if self.dtype not in _FLOATS and self.dtype != "u8":
+        if self.dtype not in _FLOATS and self.dtype not in ("q8", "u8"):
             raise CodecError(f"unknown codec dtype {self.dtype!r}; {_SPEC_HELP}")
         if self.compression not in _COMPRESSIONS:
             raise CodecError(f"unknown compression {self.compression!r}; {_SPEC_HELP}")
@@ -119,6 +128,11 @@ class Codec:
             except ValueError:
                 raise CodecError(f"bad level in codec {spec!r}; {_SPEC_HELP}") from None
         return cls(dtype, compression or "none", level)
+
+    @property
+    def lossless(self) -> bool:
+        """Whether a float32 tensor decodes to itself."""
+        return self.dtype == "f32"
 
     def __str__(self) -> str:
         text = self.dtype if self.compression == "none" else f"{self.dtype}+{self.compression}"
@@ -222,6 +236,43 @@ def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return values[:n]
 
 
+def _q8_quantize(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float tensor -> (float32 scale per block, int8 codes of every element)."""
+    flat = t.detach().to(torch.float32).reshape(-1)
+    if not bool(torch.isfinite(flat).all()):
+        raise CodecError("q8 can only encode finite values")
+    n = flat.numel()
+    padded = F.pad(flat, (0, -n % block)).reshape(-1, block)
+    scale = padded.abs().amax(1) / 127.0
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(padded / divisor[:, None]).clamp_(-127, 127).to(torch.int8)
+    return scale, codes.reshape(-1)[:n]
+
+
+def _q8_values(scale: torch.Tensor, codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Invert :func:`_q8_quantize` (flat float32)."""
+    n = codes.numel()
+    padded = F.pad(codes.to(torch.float32), (0, -n % block)).reshape(-1, block)
+    return (padded * scale[:, None]).reshape(-1)[:n]
+
+
+def roundtrip(x: torch.Tensor, codec: Codec) -> torch.Tensor:
+    """The float32 tensor ``decode(encode(x, codec))`` yields, computed without encoding (same device)."""
+    t = x.detach()
+    if codec.dtype == "q8":
+        return _q8_values(*_q8_quantize(t, Q8_BLOCK), Q8_BLOCK).reshape(t.shape)
+    if codec.dtype == "u8":
+        raise CodecError("roundtrip applies to float codecs only")
+    return t.to(_FLOATS[codec.dtype][1]).to(torch.float32)
+
+
+def _q8_payload(t: torch.Tensor) -> np.ndarray:
+    if not t.is_floating_point():
+        raise CodecError(f"float codecs need a floating-point tensor, got {t.dtype}")
+    scale, codes = _q8_quantize(t, Q8_BLOCK)
+    return np.concatenate([scale.cpu().numpy().view(np.uint8), codes.cpu().numpy().view(np.uint8)])
+
+
 def _float_payload(t: torch.Tensor, target: torch.dtype, shuffle: bool) -> np.ndarray:
     if not t.is_floating_point():
         raise CodecError(f"float codecs need a floating-point tensor, got {t.dtype}")
@@ -255,11 +306,14 @@ def encode(x: torch.Tensor | np.ndarray, codec: Codec | str = IMAGE_CODEC) -> te
     if isinstance(codec, str):
         codec = Codec.parse(codec)
     t = _as_tensor(x)
-    bits = 0
+    bits = block = 0
     shuffled = False
     if codec.dtype == "u8":
         wire_dtype = tensor_pb2.DTYPE_UINT8
         packed, bits = _label_payload(t)
+    elif codec.dtype == "q8":
+        wire_dtype, block = tensor_pb2.DTYPE_INT8_BLOCK, Q8_BLOCK
+        packed = _q8_payload(t)
     else:
         wire_dtype, target = _FLOATS[codec.dtype]
         shuffled = codec.compression != "none"
@@ -277,6 +331,7 @@ def encode(x: torch.Tensor | np.ndarray, codec: Codec | str = IMAGE_CODEC) -> te
         compression=_COMPRESSIONS[codec.compression],
         shuffled=shuffled,
         bits=bits,
+        block=block,
         raw_size=payload.nbytes,
         crc32=zlib.crc32(payload),
         data=data,
@@ -295,8 +350,10 @@ def _check_header(msg: tensor_pb2.Tensor, limits: Limits) -> tuple[int, ...]:
         raise CodecError(f"bits must be one of {_PACK_BITS}, got {bits}")
     if bits and msg.dtype != tensor_pb2.DTYPE_UINT8:
         raise CodecError("bit packing applies only to UINT8")
-    if msg.shuffled and msg.dtype == tensor_pb2.DTYPE_UINT8:
-        raise CodecError("byte shuffling applies only to float dtypes")
+    if msg.shuffled and msg.dtype in (tensor_pb2.DTYPE_UINT8, tensor_pb2.DTYPE_INT8_BLOCK):
+        raise CodecError("byte shuffling applies only to f32, bf16 and f16")
+    if (msg.dtype == tensor_pb2.DTYPE_INT8_BLOCK) != (msg.block > 0) or msg.block > _Q8_MAX_BLOCK:
+        raise CodecError(f"block {msg.block}: INT8_BLOCK needs 1..{_Q8_MAX_BLOCK}, other dtypes 0")
     shape = tuple(msg.shape)
     if len(shape) > limits.max_dims:
         raise LimitExceeded(f"{len(shape)} dims > max_dims {limits.max_dims}")
@@ -306,6 +363,8 @@ def _check_header(msg: tensor_pb2.Tensor, limits: Limits) -> tuple[int, ...]:
     if n > limits.max_elements or any(d > limits.max_elements for d in shape):
         raise LimitExceeded(f"shape {list(shape)} exceeds max_elements {limits.max_elements}")
     expected = (n * bits + 7) // 8 if bits else n * itemsize
+    if msg.block:
+        expected += 4 * -(-n // msg.block)
     if expected > limits.max_bytes:
         raise LimitExceeded(f"payload of {expected} bytes exceeds max_bytes {limits.max_bytes}")
     if msg.raw_size != expected:
@@ -367,6 +426,12 @@ def decode(msg: tensor_pb2.Tensor, limits: Limits = DEFAULT_LIMITS) -> torch.Ten
         arr = arr.copy()
     if dtype == tensor_pb2.DTYPE_UINT8:
         t = torch.from_numpy(arr)
+    elif dtype == tensor_pb2.DTYPE_INT8_BLOCK:
+        n_scales = 4 * -(-math.prod(shape) // msg.block)
+        scale = torch.from_numpy(arr[:n_scales].view(np.float32))
+        if not bool(torch.isfinite(scale).all()):
+            raise CodecError("non-finite q8 scale")
+        t = _q8_values(scale, torch.from_numpy(arr[n_scales:].view(np.int8)), msg.block)
     elif dtype == tensor_pb2.DTYPE_FLOAT32:
         t = torch.from_numpy(arr.view(np.float32))
     else:

@@ -37,6 +37,7 @@ class DemoConfig:
     generator_threads: int = 0
     site_threads: int = 1
     codec: str = ""
+    grad_codec: str = ""
     extra_generator_args: tuple[str, ...] = ()
     extra_site_args: tuple[str, ...] = ()
     subjects: int = 400  # virtual subjects per site (embedded population; 0 = the template's 75 slices per site)
@@ -208,6 +209,7 @@ def _generator_args(cfg: DemoConfig, run_dir: Path, site_flags: list[str]) -> li
         "--seed", str(cfg.seed),
         "--threads", str(cfg.generator_threads),
         *(["--codec", cfg.codec] if cfg.codec else []),
+        *(["--grad-codec", cfg.grad_codec] if cfg.grad_codec else []),
         *cfg.extra_generator_args,
         *_metrics_args(cfg, run_dir, "generator"),
         *_tls_args(cfg, run_dir, "generator"),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from asyndgan.algorithm import Batch, Dropped, GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig, site_seed
+from asyndgan.codec import LOSSLESS, Codec, roundtrip
 from asyndgan.data import SiteData
 from asyndgan.errors import BudgetExhausted
 from asyndgan.io import write_json_atomic
@@ -116,11 +117,20 @@ def build_trainers(
 
 class InProcessSites:
     """The sites of an in-process run behind the same exchange surface as the network: each call trains
-    every site on its outstanding batch and draws its next one, as the discriminator service does."""
+    every site on its outstanding batch and draws its next one, as the discriminator service does. Lossy
+    codecs round fakes and gradients as the wire would (the gradient with the sites' error feedback)."""
 
-    def __init__(self, trainers: list[SiteTrainer], modalities: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        trainers: list[SiteTrainer],
+        modalities: tuple[str, ...],
+        image_codec: Codec = LOSSLESS,
+        grad_codec: Codec = LOSSLESS,
+    ) -> None:
         self.trainers = trainers
         self.modalities = modalities
+        self.image_codec = image_codec
+        self.grad_codec = grad_codec
         self.batches: list[Batch] = [t.next_batch() for t in trainers]
         self.sizes = [len(t.data) for t in trainers]
 
@@ -131,7 +141,7 @@ class InProcessSites:
         answers: list[StepAnswer | Dropped] = []
         for j, (t, b, part) in enumerate(zip(self.trainers, self.batches, fakes, strict=True)):
             try:
-                grad = t.step(b, part, self.modalities)
+                grad = t.step(b, roundtrip(part, self.image_codec), self.modalities, self.grad_codec)
             except BudgetExhausted as e:  # as over the network: the site is finished, the others go on
                 answers.append(Dropped("finished", str(e)))
                 continue

@@ -4,6 +4,7 @@ real training run, built and read by :mod:`asyndgan.wire`), and FedAvg of G+D.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -31,10 +32,10 @@ class WireSites(InProcessSites):
     counts them on the wire."""
 
     def __init__(self, trainers: list[SiteTrainer], gen: GeneratorTrainer, cfg: OrchestratorConfig) -> None:
-        super().__init__(trainers, gen.modalities)
+        super().__init__(
+            trainers, gen.modalities, codec.Codec.parse(cfg.image_codec), codec.Codec.parse(cfg.grad_codec)
+        )
         self.gen = gen
-        self.image_codec = codec.Codec.parse(cfg.image_codec)
-        self.grad_codec = codec.Codec.parse(cfg.grad_codec)
         self.label_codec = codec.Codec.parse(cfg.label_codec)
         self.descriptions = [self._describe(j, t) for j, t in enumerate(trainers)]
         self.counts = dict.fromkeys(("wire", "raw", *(f"{t}_{w}" for t in _TENSORS for w in ("wire", "raw"))), 0)
@@ -123,7 +124,9 @@ def _breakdown(size: int, per_step: dict[str, float]) -> list[dict[str, Any]]:
     ]
 
 
-def bench_bytes(size: int, batch: int, sites: int, steps: int, threads: int) -> dict[str, Any]:
+def bench_bytes(
+    size: int, batch: int, sites: int, steps: int, threads: int, fakes_grads_codec: str = ""
+) -> dict[str, Any]:
     """Bytes per step and per epoch on the wire for three ways of training the same models.
 
     * raw float32: the authors' exchange (fakes and gradients as float32, label maps as uint8);
@@ -133,10 +136,13 @@ def bench_bytes(size: int, batch: int, sites: int, steps: int, threads: int) -> 
 
     One epoch = ceil(mean samples per site / batch) steps (every site sees each of its samples about once);
     one FedAvg round = one local epoch, so FedAvg's bytes per epoch are its bytes per round.
+    ``fakes_grads_codec`` replaces the default codec of fakes and gradients (``--codec`` of the generator).
     """
     torch.set_num_threads(threads)
     data: list[SiteData] = embedded_sites(size, sites)
     cfg, net = OrchestratorConfig(), NetConfig()
+    if fakes_grads_codec:
+        cfg = dataclasses.replace(cfg, image_codec=fakes_grads_codec, grad_codec=fakes_grads_codec)
     trainers, gen = build_trainers(data, net, TrainConfig(), LocalRun(batch_size=batch))
     exchange = WireSites(trainers, gen, cfg)
     run_steps(gen, exchange, steps)

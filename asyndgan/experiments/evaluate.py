@@ -57,6 +57,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngf", type=int, help="override: generator width")
     p.add_argument("--ndf", type=int, help="override: discriminator width")
     p.add_argument("--curve-points", type=int, help="override: G snapshots on the (c)/(a) curve")
+    p.add_argument(
+        "--codec", help="override: AsynDGAN's fakes and gradients rounded as this wire codec carries them (default f32)"
+    )
     p.add_argument("--seg-steps", type=int, help="override: segmenter steps")
     p.add_argument("--seg-batch", type=int, help="override: segmenter batch")
     p.add_argument("--seg-base", type=int, help="override: segmenter width")
@@ -101,6 +104,7 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     """``s`` with the override flags that were given."""
     given = {"gen_steps": a.gen_steps, "gen_batch": a.gen_batch, "ngf": a.ngf, "ndf": a.ndf}
     given["curve_points"] = a.curve_points
+    given["codec"] = a.codec
     over: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     seg_given = {"steps": a.seg_steps, "batch_size": a.seg_batch, "base": a.seg_base}
     seg_over = {k: v for k, v in seg_given.items() if v is not None}

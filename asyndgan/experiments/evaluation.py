@@ -255,7 +255,8 @@ def _report_head(opts: EvalOptions, argv: Sequence[str]) -> dict[str, Any]:
         "dice": "dataset-level Dice per foreground class (1..K-1) on held-out REAL slices; 'mean' = mean over those "
         "classes; mean +- std over segmenter seeds (the generators are trained once, seed generator_seed)",
         "generator_note": "AsynDGAN G = asyndgan.local's in-process loop (bit-for-bit the distributed gRPC run "
-        "with the lossless f32 codec); centralised pix2pix = same trainer, one site holding all sites' pooled data, "
+        "with the lossless f32 codec; a setting's lossy codec rounds fakes and gradients as the wire does, with the "
+        "sites' error feedback); centralised pix2pix = same trainer, one site holding all sites' pooled data, "
         "batch = per-site batch x number of sites",
         "settings": {},
     }

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
+from asyndgan.codec import LOSSLESS, Codec
 from asyndgan.data import SiteData
 from asyndgan.experiments import eval_progress
 from asyndgan.experiments.datasets import pool_sites
@@ -31,10 +32,12 @@ def train_generator(
     run: LocalRun,
     snapshots: Iterable[int],
     on_snapshot: Callable[[int, float, GeneratorTrainer], None],
+    wire_codec: Codec = LOSSLESS,
 ) -> GeneratorTrainer:
     """:func:`asyndgan.local.train_local`'s loop (same trainers, seeds and batch order, so G after k steps equals
     ``train_local(iterations=k)`` bit for bit), calling ``on_snapshot(step, train_seconds, gen)`` after each step
-    listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks."""
+    listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks. A lossy ``wire_codec``
+    rounds fakes and gradients as the wire would."""
     site_trainers, gen = build_trainers(sites, net, train, run)
     wanted = set(snapshots)
     seconds = 0.0
@@ -50,7 +53,8 @@ def train_generator(
         if it in wanted:
             on_snapshot(it, seconds, gen)
 
-    run_steps(gen, InProcessSites(site_trainers, gen.modalities), run.iterations, on_step)
+    exchange = InProcessSites(site_trainers, gen.modalities, wire_codec, wire_codec)
+    run_steps(gen, exchange, run.iterations, on_step)
     return gen
 
 
@@ -119,5 +123,6 @@ def _train_generator_run(
         LocalRun(iterations=setting.gen_steps, batch_size=batch, seed=seed),
         snaps,
         on_snapshot,
+        Codec.parse(setting.codec) if kind == "asyndgan" else LOSSLESS,
     )
     return res

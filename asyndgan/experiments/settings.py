@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from asyndgan.codec import Codec
 from asyndgan.experiments.segmenter import SegConfig
 
 __all__ = ["EMBEDDED", "EvalOptions", "Setting", "default_settings", "embedded_setting"]
@@ -31,6 +32,7 @@ class Setting:
     holdout_fraction: float = 0.15
     holdout_gap: int = 4
     shifted_specs: tuple[str, ...] = ()  # optional second test set from a domain no site has (Dice only)
+    codec: str = "f32"  # AsynDGAN's fakes and gradients as the wire carries them (f32 = lossless)
 
     def validate(self) -> None:
         if not self.site_specs:
@@ -40,6 +42,7 @@ class Setting:
         if not 0 < self.holdout_fraction < 1 or self.holdout_gap < 0:
             raise ValueError(f"setting {self.name}: holdout fraction must be in (0, 1) and gap >= 0")
         self.seg.validate()
+        Codec.parse(self.codec)
 
     def snapshot_steps(self) -> list[int]:
         k = min(self.curve_points, self.gen_steps)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61syndgan/v1/tensor.proto\x12\x0b\x61syndgan.v1\"\xb8\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.asyndgan.v1.Dtype\x12-\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x18.asyndgan.v1.Compression\x12\x10\n\x08shuffled\x18\x04 \x01(\x08\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x10\n\x08raw_size\x18\x06 \x01(\x04\x12\r\n\x05\x63rc32\x18\x07 \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c*i\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61syndgan/v1/tensor.proto\x12\x0b\x61syndgan.v1\"\xc7\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.asyndgan.v1.Dtype\x12-\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x18.asyndgan.v1.Compression\x12\x10\n\x08shuffled\x18\x04 \x01(\x08\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x10\n\x08raw_size\x18\x06 \x01(\x04\x12\r\n\x05\x63rc32\x18\x07 \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\r\n\x05\x62lock\x18\t \x01(\r*\x7f\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x04\x12\x14\n\x10\x44TYPE_INT8_BLOCK\x10\x05*k\n\x0b\x43ompression\x12\x1b\n\x17\x43OMPRESSION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyndgan.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=228
-  _globals['_DTYPE']._serialized_end=333
-  _globals['_COMPRESSION']._serialized_start=335
-  _globals['_COMPRESSION']._serialized_end=442
+  _globals['_DTYPE']._serialized_start=243
+  _globals['_DTYPE']._serialized_end=370
+  _globals['_COMPRESSION']._serialized_start=372
+  _globals['_COMPRESSION']._serialized_end=479
   _globals['_TENSOR']._serialized_start=42
-  _globals['_TENSOR']._serialized_end=226
+  _globals['_TENSOR']._serialized_end=241
 # @@protoc_insertion_point(module_scope)

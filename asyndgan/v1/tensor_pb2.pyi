@@ -33,6 +33,11 @@ class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType
     DTYPE_FLOAT16: _Dtype.ValueType  # 3
     """decoded to float32"""
     DTYPE_UINT8: _Dtype.ValueType  # 4
+    DTYPE_INT8_BLOCK: _Dtype.ValueType  # 5
+    """Signed 8-bit codes with one float32 scale per block of `block` elements: the payload is the
+    scales (ceil(n / block) little-endian float32) followed by the n int8 codes; value = code * scale.
+    Decoded to float32.
+    """
 
 class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
     """Element type of the bytes in Tensor.data (after decompression and un-shuffling)."""
@@ -45,6 +50,11 @@ DTYPE_BFLOAT16: Dtype.ValueType  # 2
 DTYPE_FLOAT16: Dtype.ValueType  # 3
 """decoded to float32"""
 DTYPE_UINT8: Dtype.ValueType  # 4
+DTYPE_INT8_BLOCK: Dtype.ValueType  # 5
+"""Signed 8-bit codes with one float32 scale per block of `block` elements: the payload is the
+scales (ceil(n / block) little-endian float32) followed by the n int8 codes; value = code * scale.
+Decoded to float32.
+"""
 Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 class _Compression:
@@ -86,6 +96,7 @@ class Tensor(_message.Message):
     RAW_SIZE_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    BLOCK_FIELD_NUMBER: _builtins.int
     dtype: Global___Dtype.ValueType
     compression: Global___Compression.ValueType
     shuffled: _builtins.bool
@@ -97,6 +108,8 @@ class Tensor(_message.Message):
     crc32: _builtins.int
     """CRC-32 (zlib polynomial) of the decompressed payload."""
     data: _builtins.bytes
+    block: _builtins.int
+    """DTYPE_INT8_BLOCK only: elements per scale (the last block may be shorter)."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -110,10 +123,11 @@ class Tensor(_message.Message):
         raw_size: _builtins.int = ...,
         crc32: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        block: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "compression", b"compression", "crc32", b"crc32", "data", b"data", "dtype", b"dtype", "raw_size", b"raw_size", "shape", b"shape", "shuffled", b"shuffled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "block", b"block", "compression", b"compression", "crc32", b"crc32", "data", b"data", "dtype", b"dtype", "raw_size", b"raw_size", "shape", b"shape", "shuffled", b"shuffled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

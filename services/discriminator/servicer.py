@@ -31,7 +31,7 @@ def _next_batch(site: Site, request: pb.NextBatchRequest) -> pb.NextBatchRespons
 def _step(site: Site, request: pb.StepRequest) -> pb.StepResponse:
     # Everything is validated before the site trains: a refused request changes nothing.
     work = wire.step_request_from_proto(request, site.description)
-    answer = site.step(work.batch_id, work.fakes, work.modalities)
+    answer = site.step(work.batch_id, work.fakes, work.modalities, work.grad_codec)
     return wire.step_reply_to_proto(answer, work.grad_codec, work.label_codec)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from asyndgan.algorithm import Batch, SiteTrainer, TrainConfig, training_settings
+from asyndgan.codec import LOSSLESS, Codec
 from asyndgan.data import SiteData
 from asyndgan.errors import FailedPrecondition
 from asyndgan.guard import LEDGER_FILE, PrivacyConfig, PrivacyGuard
@@ -102,15 +103,18 @@ class Site:
     def status(self) -> SiteStatus:
         return SiteStatus(self.site_id, self.steps, list(self.last_losses), serving=True, privacy=self.privacy())
 
-    def step(self, batch_id: int, fakes: torch.Tensor, channels: Sequence[str]) -> StepAnswer:
-        """Train on the outstanding batch with the generator's fakes; return gradient and the next batch."""
+    def step(
+        self, batch_id: int, fakes: torch.Tensor, channels: Sequence[str], grad_codec: Codec = LOSSLESS
+    ) -> StepAnswer:
+        """Train on the outstanding batch with the generator's fakes; return the gradient (exactly what
+        ``grad_codec`` will carry, with error feedback) and the next batch."""
         with self._lock:
             batch = self._outstanding
             if batch is None:
                 raise FailedPrecondition("no outstanding batch: call NextBatch first")
             if batch_id != batch.id:
                 raise FailedPrecondition(f"batch {batch_id} is not the outstanding batch {batch.id}")
-            grad = self.trainer.step(batch, fakes, channels)
+            grad = self.trainer.step(batch, fakes, channels, grad_codec)
             nxt = self._draw()
             spent = self.guard.ledger.spent() if self.guard is not None else 0.0
             return StepAnswer(batch.id, grad, list(self.trainer.last_losses), nxt.id, nxt.labels, spent)
@@ -123,7 +127,8 @@ class Site:
     # -- checkpoints (site-local only) --------------------------------------------------------------
 
     def checkpoint(self) -> Path | None:
-        """Write D(s), optimizers and sampler state atomically to the site's checkpoint dir."""
+        """Write D(s), optimizers, sampler state and the error-feedback residual atomically to the site's
+        checkpoint dir."""
         if self.checkpoint_dir is None:
             return None
         with self._lock:

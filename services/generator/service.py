@@ -80,8 +80,10 @@ class GeneratorConfig:
             raise ValueError("--allow-client needs mutual TLS (--tls-cert, --tls-key, --tls-ca)")
         self.net.validate()
         self.train.validate()
-        for c in (self.orchestrator.image_codec, self.orchestrator.grad_codec, self.orchestrator.label_codec):
-            codec.Codec.parse(c)
+        for c in (self.orchestrator.image_codec, self.orchestrator.grad_codec):
+            if codec.Codec.parse(c).dtype == "u8":
+                raise ValueError(f"codec {c!r} is for label maps; images and gradients need f32, bf16, f16 or q8")
+        codec.Codec.parse(self.orchestrator.label_codec)
 
 
 class GeneratorService:

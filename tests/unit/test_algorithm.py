@@ -16,6 +16,7 @@ from asyndgan.algorithm import (
     SiteTrainer,
     TrainConfig,
 )
+from asyndgan.codec import LOSSLESS, Codec, roundtrip
 from asyndgan.io import load_checkpoint, save_checkpoint
 from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig, gan_loss, one_hot
@@ -143,6 +144,51 @@ def test_site_state_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(a.step(ba, fakes, ["t1"]), b.step(bb, fakes, ["t1"]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="modalities"):
         site_trainer(modalities=("t1", "t2")).load_state_dict(a.state_dict())
+
+
+def test_error_feedback_sends_the_sum_of_the_gradients() -> None:
+    q8 = Codec.parse("q8+zstd")
+    t = site_trainer()
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 1, 32, 32, generator=g) * (1 + k) for k in range(20)]
+    sent = [t.feed_back(x, q8) for x in grads]
+    assert all(torch.equal(s, roundtrip(s, q8)) for s in sent)  # each is exactly what the wire carries
+    assert t.residual is not None
+    torch.testing.assert_close(sum(sent) + t.residual, sum(grads), rtol=0, atol=1e-4)
+    # With feedback the error of the sum stays one step's rounding; without, it adds up.
+    plain = sum(roundtrip(x, q8) for x in grads)
+    assert float((sum(sent) - sum(grads)).abs().max()) <= float(grads[-1].abs().max()) / 127
+    assert float((sum(sent) - sum(grads)).norm()) < 0.5 * float((plain - sum(grads)).norm())
+
+
+def test_error_feedback_keeps_its_sum_when_the_batch_size_changes() -> None:
+    q8 = Codec.parse("q8")
+    t = site_trainer()
+    t.feed_back(torch.randn(5, 1, 32, 32), q8)
+    assert t.residual is not None
+    before = t.residual.sum(0)
+    zero = torch.zeros(3, 1, 32, 32)
+    sent = t.feed_back(zero, q8)
+    torch.testing.assert_close((sent + t.residual).sum(0), before, rtol=0, atol=1e-5)
+    t.feed_back(torch.zeros(3, 2, 32, 32), q8)  # another image shape: the residual starts over
+    assert t.residual is not None and not t.residual.any()
+    x = torch.randn(3, 1, 32, 32)
+    assert t.feed_back(x, LOSSLESS) is x and t.residual is None
+
+
+def test_error_feedback_residual_is_checkpointed(tmp_path: Path) -> None:
+    q8 = Codec.parse("q8+zstd")
+    a = site_trainer()
+    a.step(a.next_batch(), torch.rand(4, 1, 32, 32), ["t1"], q8)
+    assert a.residual is not None and a.residual.any()
+    save_checkpoint(tmp_path / "d.pt", a.state_dict())
+    b = site_trainer(seed=77)
+    b.load_state_dict(load_checkpoint(tmp_path / "d.pt"))
+    assert b.residual is not None and torch.equal(a.residual, b.residual)
+    fakes = torch.rand(4, 1, 32, 32)
+    torch.testing.assert_close(
+        a.step(a.next_batch(), fakes, ["t1"], q8), b.step(b.next_batch(), fakes, ["t1"], q8), rtol=0, atol=0
+    )
 
 
 # -- generator step -----------------------------------------------------------------------------------

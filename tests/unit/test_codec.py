@@ -29,6 +29,7 @@ from asyndgan.codec import (
     decode,
     encode,
     raw_nbytes,
+    roundtrip,
     wire_nbytes,
 )
 from asyndgan.v1 import tensor_pb2
@@ -100,6 +101,40 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- round trips -------------------------------------------------------------------------------
 
 
+@FAST
+@given(
+    arr=arrays(np.float32, SHAPES, elements=st.floats(-(2.0**100), 2.0**100, width=32)),
+    spec=st.sampled_from(["q8", "q8+zstd", "q8+lz4"]),
+)
+def test_q8_round_trip_within_half_a_step_per_block(arr: np.ndarray, spec: str) -> None:
+    x = torch.from_numpy(arr)
+    msg = encode(x, spec)
+    y = decode(msg)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.equal(y, roundtrip(x, Codec.parse(spec)))  # roundtrip is what the wire yields
+    flat, out = x.reshape(-1).double(), y.reshape(-1).double()
+    for start in range(0, flat.numel(), msg.block):
+        block, got = flat[start : start + msg.block], out[start : start + msg.block]
+        step = float(block.abs().max()) / 127
+        assert float((got - block).abs().max()) <= step / 2 * (1 + 1e-5) + 1e-30
+    assert torch.equal(decode(encode(y, spec)), y)  # idempotent: what a site sent re-encodes exactly
+
+
+def test_q8_rejects_non_finite_and_integers() -> None:
+    with pytest.raises(CodecError, match="finite"):
+        encode(torch.tensor([1.0, float("nan")]), "q8")
+    with pytest.raises(CodecError, match="floating-point"):
+        encode(torch.arange(4), "q8")
+    with pytest.raises(CodecError):
+        roundtrip(torch.zeros(2), LABEL_CODEC)
+
+
+def test_roundtrip_matches_decode_for_every_float_codec() -> None:
+    x = _discriminator_grad()
+    for spec in [*FLOAT_SPECS, "q8+zstd"]:
+        assert torch.equal(roundtrip(x, Codec.parse(spec)), decode(encode(x, spec))), spec
+
+
 @pytest.mark.filterwarnings("error")
 @FAST
 @given(
@@ -159,7 +194,7 @@ def test_u8_round_trip_exact_for_every_bit_width(
 
 
 @given(
-    dtype=st.sampled_from(["f32", "bf16", "f16", "u8"]),
+    dtype=st.sampled_from(["f32", "bf16", "f16", "q8", "u8"]),
     compression=st.sampled_from(["none", "zstd", "lz4"]),
     level=st.integers(-5, 22),
 )
@@ -304,6 +339,14 @@ def test_rejects_bad_enums_and_flags(f32_msg: tensor_pb2.Tensor) -> None:
     _raises(CodecError, _mutated(f32_msg, dtype=9))
     _raises(CodecError, _mutated(f32_msg, compression=7))
     _raises(CodecError, _mutated(f32_msg, bits=2))
+    _raises(CodecError, _mutated(f32_msg, block=64))
+    q8 = encode(torch.rand(3, 4), "q8")
+    _raises(CodecError, _mutated(q8, block=0))
+    _raises(CodecError, _mutated(q8, block=1 << 21))
+    _raises(CodecError, _mutated(q8, shuffled=True))
+    _raises(CodecError, _mutated(q8, block=4))  # 3 scales expected, 1 sent: raw_size mismatch
+    nan_scale = bytes(np.float32([np.nan]).view(np.uint8)) + q8.data[4:]
+    _raises(CodecError, _mutated(q8, data=nan_scale, crc32=zlib.crc32(nan_scale)))
     labels = encode(torch.tensor([0, 1, 2, 3, 2]), "u8")
     _raises(CodecError, _mutated(labels, bits=3))
     _raises(CodecError, _mutated(labels, bits=8))
@@ -444,15 +487,23 @@ def test_random_bytes_decode_or_raise_codec_error(blob: bytes) -> None:
 @FAST
 @given(
     shape=st.lists(st.integers(-2, 40), max_size=4),
-    dtype=st.integers(0, 5),
+    dtype=st.integers(0, 6),
     compression=st.integers(0, 3),
     shuffled=st.booleans(),
     bits=st.integers(0, 5),
+    block=st.sampled_from([0, 1, 3, 64]),
     raw_size=st.integers(0, 200),
     data=st.binary(max_size=200),
 )
 def test_arbitrary_fields_decode_or_raise_codec_error(
-    shape: list[int], dtype: int, compression: int, shuffled: bool, bits: int, raw_size: int, data: bytes
+    shape: list[int],
+    dtype: int,
+    compression: int,
+    shuffled: bool,
+    bits: int,
+    block: int,
+    raw_size: int,
+    data: bytes,
 ) -> None:
     msg = tensor_pb2.Tensor(
         shape=shape,
@@ -460,6 +511,7 @@ def test_arbitrary_fields_decode_or_raise_codec_error(
         compression=compression,  # type: ignore[arg-type]
         shuffled=shuffled,
         bits=bits,
+        block=block,
         raw_size=raw_size,
         crc32=zlib.crc32(data),
         data=data,
@@ -469,7 +521,7 @@ def test_arbitrary_fields_decode_or_raise_codec_error(
 
 @pytest.fixture(scope="module")
 def valid_wire() -> list[bytes]:
-    specs = ["f32", "f32+zstd", "bf16+zstd", "bf16+lz4", "f16", "labels", "u8", "u8+lz4"]
+    specs = ["f32", "f32+zstd", "bf16+zstd", "bf16+lz4", "f16", "q8", "q8+zstd", "labels", "u8", "u8+lz4"]
     return [
         encode(_labels(2, (2, 9, 7)) if spec in U8_SPECS else _image(2, (2, 1, 9, 7)), spec).SerializeToString()
         for spec in specs
