@@ -1,7 +1,8 @@
 """Wire codec: torch/numpy tensors <-> ``asyndgan.v1.Tensor`` messages.
 
-Floats travel as f32, bf16 or f16 (cast by torch, decoded to float32) or as q8: signed 8-bit codes
-with one float32 scale per block of :data:`Q8_BLOCK` elements (absmax scaling, round to nearest);
+Floats travel as f32, bf16 or f16 (cast by torch, decoded to float32) or quantized (q8, q4, q2, q1):
+signed 8/4/2-bit codes or 1-bit signs with one float32 scale per block of :data:`Q_BLOCK` elements
+(absmax scaling and rounding to nearest; q1: the sign times the block's mean magnitude);
 label maps travel as uint8, bit-packed to 1, 2 or 4 bits when their values allow.
 :func:`roundtrip` gives what a float tensor decodes to without encoding it (the sites' error
 feedback carries the difference to the next step). Payloads are optionally compressed
@@ -39,7 +40,7 @@ __all__ = [
     "IMAGE_CODEC",
     "LABEL_CODEC",
     "LOSSLESS",
-    "Q8_BLOCK",
+    "Q_BLOCK",
     "Codec",
     "CodecError",
     "LimitExceeded",
@@ -74,12 +75,13 @@ _COMPRESSIONS: dict[str, tensor_pb2.Compression.ValueType] = {
 _ALIASES = {"raw": "f32", "labels": "u8+zstd"}
 _MIN_ZSTD_LEVEL = -(1 << 17)
 _SPEC_HELP = (
-    "valid forms: DTYPE[+COMPRESSION][:LEVEL] with DTYPE in f32|bf16|f16|q8|u8, COMPRESSION in "
+    "valid forms: DTYPE[+COMPRESSION][:LEVEL] with DTYPE in f32|bf16|f16|q8|q4|q2|q1|u8, COMPRESSION in "
     "none|zstd|lz4 and LEVEL a zstd level (zstd only), or the aliases 'raw' (= f32) and "
     "'labels' (= u8+zstd); e.g. 'bf16+zstd', 'bf16+zstd:3', 'q8+zstd', 'f16+lz4', 'labels'"
 )
-Q8_BLOCK = 64  # elements per q8 scale: one 64-px image row
-_Q8_MAX_BLOCK = 1 << 20
+Q_BLOCK = 64  # elements per scale of the q codecs: one 64-px image row
+_Q_MAX_BLOCK = 1 << 20
+_QBITS = {"q8": 8, "q4": 4, "q2": 2, "q1": 1}
 
 # Wire dtype -> bytes per element after decompression (before unpacking bits).
 _ITEMSIZE: dict[int, int] = {
@@ -97,12 +99,12 @@ _MINMAX_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 class Codec:
     """How a tensor is put on the wire; build one with :meth:`parse`."""
 
-    dtype: str  # "f32" | "bf16" | "f16" | "q8" | "u8"
+    dtype: str  # "f32" | "bf16" | "f16" | "q8" | "q4" | "q2" | "q1" | "u8"
     compression: str  # "none" | "zstd" | "lz4"
     level: int = 1  # zstd level
 
     def __post_init__(self) -> None:
-        if self.dtype not in _FLOATS and self.dtype not in ("q8", "u8"):
+        if self.dtype not in _FLOATS and self.dtype not in _QBITS and self.dtype != "u8":
             raise CodecError(f"unknown codec dtype {self.dtype!r}; {_SPEC_HELP}")
         if self.compression not in _COMPRESSIONS:
             raise CodecError(f"unknown compression {self.compression!r}; {_SPEC_HELP}")
@@ -236,21 +238,37 @@ def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return values[:n]
 
 
-def _q8_quantize(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float tensor -> (float32 scale per block, int8 codes of every element)."""
+def _levels(bits: int) -> int:
+    """Largest code magnitude of a ``bits``-bit quantizer (1 bit: codes -1 and +1)."""
+    return max((1 << (bits - 1)) - 1, 1)
+
+
+def _quantize(t: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float tensor -> (float32 scale per block, signed codes of every element, flat int16).
+
+    ``bits`` 2..8: absmax scaling, scale = max|x| / levels, codes round(x / scale). ``bits`` 1: the sign, scale =
+    mean|x| of the block (the scale that minimises the squared error of a sign code)."""
     flat = t.detach().to(torch.float32).reshape(-1)
     if not bool(torch.isfinite(flat).all()):
-        raise CodecError("q8 can only encode finite values")
+        raise CodecError("q codecs can only encode finite values")
     n = flat.numel()
     padded = F.pad(flat, (0, -n % block)).reshape(-1, block)
-    scale = padded.abs().amax(1) / 127.0
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(padded / divisor[:, None]).clamp_(-127, 127).to(torch.int8)
+    if bits == 1:
+        counts = torch.full((padded.shape[0],), float(block))
+        if n % block:
+            counts[-1] = n % block
+        scale = padded.abs().sum(1) / counts
+        codes = torch.where(padded >= 0, 1, -1).to(torch.int16)
+    else:
+        levels = _levels(bits)
+        scale = padded.abs().amax(1) / levels
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round(padded / divisor[:, None]).clamp_(-levels, levels).to(torch.int16)
     return scale, codes.reshape(-1)[:n]
 
 
-def _q8_values(scale: torch.Tensor, codes: torch.Tensor, block: int) -> torch.Tensor:
-    """Invert :func:`_q8_quantize` (flat float32)."""
+def _dequantize(scale: torch.Tensor, codes: torch.Tensor, block: int) -> torch.Tensor:
+    """Invert :func:`_quantize` (flat float32)."""
     n = codes.numel()
     padded = F.pad(codes.to(torch.float32), (0, -n % block)).reshape(-1, block)
     return (padded * scale[:, None]).reshape(-1)[:n]
@@ -259,18 +277,41 @@ def _q8_values(scale: torch.Tensor, codes: torch.Tensor, block: int) -> torch.Te
 def roundtrip(x: torch.Tensor, codec: Codec) -> torch.Tensor:
     """The float32 tensor ``decode(encode(x, codec))`` yields, computed without encoding (same device)."""
     t = x.detach()
-    if codec.dtype == "q8":
-        return _q8_values(*_q8_quantize(t, Q8_BLOCK), Q8_BLOCK).reshape(t.shape)
+    if codec.dtype in _QBITS:
+        return _dequantize(*_quantize(t, _QBITS[codec.dtype], Q_BLOCK), Q_BLOCK).reshape(t.shape)
     if codec.dtype == "u8":
         raise CodecError("roundtrip applies to float codecs only")
     return t.to(_FLOATS[codec.dtype][1]).to(torch.float32)
 
 
-def _q8_payload(t: torch.Tensor) -> np.ndarray:
+def _q_payload(t: torch.Tensor, bits: int) -> np.ndarray:
+    """Scales (float32) then codes: int8 for 8 bits, else unsigned (code + levels; 1 bit: sign bit) bit-packed."""
     if not t.is_floating_point():
         raise CodecError(f"float codecs need a floating-point tensor, got {t.dtype}")
-    scale, codes = _q8_quantize(t, Q8_BLOCK)
-    return np.concatenate([scale.cpu().numpy().view(np.uint8), codes.cpu().numpy().view(np.uint8)])
+    scale, codes = _quantize(t, bits, Q_BLOCK)
+    head = scale.cpu().numpy().view(np.uint8)
+    if bits == 8:
+        return np.concatenate([head, codes.to(torch.int8).cpu().numpy().view(np.uint8)])
+    unsigned = (codes > 0) if bits == 1 else codes + _levels(bits)
+    return np.concatenate([head, _pack(unsigned.to(torch.uint8).cpu().numpy(), bits)])
+
+
+def _q_values(arr: np.ndarray, shape: tuple[int, ...], block: int, bits: int) -> torch.Tensor:
+    """Decode a q payload (scales, then codes) to flat float32."""
+    n = math.prod(shape)
+    head = 4 * -(-n // block)
+    arr = arr if arr.flags.writeable else arr.copy()
+    scale = torch.from_numpy(arr[:head].view(np.float32))
+    if not bool(torch.isfinite(scale).all()):
+        raise CodecError("non-finite scale in a q payload")
+    if not bits:
+        return _dequantize(scale, torch.from_numpy(arr[head:].view(np.int8)), block)
+    unsigned = torch.from_numpy(_unpack(arr[head:], bits, n).astype(np.int16))
+    if bits == 1:
+        return _dequantize(scale, unsigned * 2 - 1, block)
+    if n and int(unsigned.max()) > 2 * _levels(bits):
+        raise CodecError(f"{bits}-bit code beyond +-{_levels(bits)}")
+    return _dequantize(scale, unsigned - _levels(bits), block)
 
 
 def _float_payload(t: torch.Tensor, target: torch.dtype, shuffle: bool) -> np.ndarray:
@@ -311,9 +352,10 @@ def encode(x: torch.Tensor | np.ndarray, codec: Codec | str = IMAGE_CODEC) -> te
     if codec.dtype == "u8":
         wire_dtype = tensor_pb2.DTYPE_UINT8
         packed, bits = _label_payload(t)
-    elif codec.dtype == "q8":
-        wire_dtype, block = tensor_pb2.DTYPE_INT8_BLOCK, Q8_BLOCK
-        packed = _q8_payload(t)
+    elif codec.dtype in _QBITS:
+        wire_dtype, block, q_bits = tensor_pb2.DTYPE_INT8_BLOCK, Q_BLOCK, _QBITS[codec.dtype]
+        packed = _q_payload(t, q_bits)
+        bits = 0 if q_bits == 8 else q_bits
     else:
         wire_dtype, target = _FLOATS[codec.dtype]
         shuffled = codec.compression != "none"
@@ -348,12 +390,12 @@ def _check_header(msg: tensor_pb2.Tensor, limits: Limits) -> tuple[int, ...]:
     bits = msg.bits
     if bits not in _PACK_BITS:
         raise CodecError(f"bits must be one of {_PACK_BITS}, got {bits}")
-    if bits and msg.dtype != tensor_pb2.DTYPE_UINT8:
-        raise CodecError("bit packing applies only to UINT8")
+    if bits and msg.dtype not in (tensor_pb2.DTYPE_UINT8, tensor_pb2.DTYPE_INT8_BLOCK):
+        raise CodecError("bit packing applies only to UINT8 and INT8_BLOCK")
     if msg.shuffled and msg.dtype in (tensor_pb2.DTYPE_UINT8, tensor_pb2.DTYPE_INT8_BLOCK):
         raise CodecError("byte shuffling applies only to f32, bf16 and f16")
-    if (msg.dtype == tensor_pb2.DTYPE_INT8_BLOCK) != (msg.block > 0) or msg.block > _Q8_MAX_BLOCK:
-        raise CodecError(f"block {msg.block}: INT8_BLOCK needs 1..{_Q8_MAX_BLOCK}, other dtypes 0")
+    if (msg.dtype == tensor_pb2.DTYPE_INT8_BLOCK) != (msg.block > 0) or msg.block > _Q_MAX_BLOCK:
+        raise CodecError(f"block {msg.block}: INT8_BLOCK needs 1..{_Q_MAX_BLOCK}, other dtypes 0")
     shape = tuple(msg.shape)
     if len(shape) > limits.max_dims:
         raise LimitExceeded(f"{len(shape)} dims > max_dims {limits.max_dims}")
@@ -418,6 +460,8 @@ def decode(msg: tensor_pb2.Tensor, limits: Limits = DEFAULT_LIMITS) -> torch.Ten
         raise CodecError("checksum mismatch")
     arr = np.frombuffer(payload, np.uint8)
     dtype = msg.dtype
+    if dtype == tensor_pb2.DTYPE_INT8_BLOCK:
+        return _q_values(arr, shape, msg.block, msg.bits).reshape(shape)
     if msg.bits:
         arr = _unpack(arr, msg.bits, math.prod(shape))
     elif msg.shuffled:
@@ -426,12 +470,6 @@ def decode(msg: tensor_pb2.Tensor, limits: Limits = DEFAULT_LIMITS) -> torch.Ten
         arr = arr.copy()
     if dtype == tensor_pb2.DTYPE_UINT8:
         t = torch.from_numpy(arr)
-    elif dtype == tensor_pb2.DTYPE_INT8_BLOCK:
-        n_scales = 4 * -(-math.prod(shape) // msg.block)
-        scale = torch.from_numpy(arr[:n_scales].view(np.float32))
-        if not bool(torch.isfinite(scale).all()):
-            raise CodecError("non-finite q8 scale")
-        t = _q8_values(scale, torch.from_numpy(arr[n_scales:].view(np.int8)), msg.block)
     elif dtype == tensor_pb2.DTYPE_FLOAT32:
         t = torch.from_numpy(arr.view(np.float32))
     else:

@@ -93,7 +93,7 @@ def _rows(
     schemes = [
         ("raw float32 (authors' exchange)", per_step["raw"], per_step["raw"] * steps_per_epoch),
         (
-            f"this project ({cfg.image_codec} fakes/grads, {cfg.label_codec} labels)",
+            f"this project (fakes {cfg.image_codec}, gradients {cfg.grad_codec}, labels {cfg.label_codec})",
             per_step["wire"],
             per_step["wire"] * steps_per_epoch,
         ),
@@ -111,11 +111,13 @@ def _rows(
     ]
 
 
-def _breakdown(size: int, per_step: dict[str, float]) -> list[dict[str, Any]]:
+def _breakdown(size: int, per_step: dict[str, float], cfg: OrchestratorConfig) -> list[dict[str, Any]]:
+    codecs = {"fakes": cfg.image_codec, "grad": cfg.grad_codec, "labels": cfg.label_codec}
     return [
         {
             "size": size,
             "tensor": k,
+            "codec": codecs[k],
             "raw_kB_per_step": per_step[f"{k}_raw"] / 1e3,
             "wire_kB_per_step": per_step[f"{k}_wire"] / 1e3,
             "ratio": per_step[f"{k}_raw"] / max(per_step[f"{k}_wire"], 1),
@@ -125,7 +127,7 @@ def _breakdown(size: int, per_step: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def bench_bytes(
-    size: int, batch: int, sites: int, steps: int, threads: int, fakes_grads_codec: str = ""
+    size: int, batch: int, sites: int, steps: int, threads: int, image_codec: str = "", grad_codec: str = ""
 ) -> dict[str, Any]:
     """Bytes per step and per epoch on the wire for three ways of training the same models.
 
@@ -136,13 +138,13 @@ def bench_bytes(
 
     One epoch = ceil(mean samples per site / batch) steps (every site sees each of its samples about once);
     one FedAvg round = one local epoch, so FedAvg's bytes per epoch are its bytes per round.
-    ``fakes_grads_codec`` replaces the default codec of fakes and gradients (``--codec`` of the generator).
+    ``image_codec`` / ``grad_codec`` replace the defaults for fakes / gradients (the generator's ``--codec`` and
+    ``--grad-codec``); a lossy gradient codec runs with the sites' error feedback, as on the wire.
     """
     torch.set_num_threads(threads)
     data: list[SiteData] = embedded_sites(size, sites)
     cfg, net = OrchestratorConfig(), NetConfig()
-    if fakes_grads_codec:
-        cfg = dataclasses.replace(cfg, image_codec=fakes_grads_codec, grad_codec=fakes_grads_codec)
+    cfg = dataclasses.replace(cfg, image_codec=image_codec or cfg.image_codec, grad_codec=grad_codec or cfg.grad_codec)
     trainers, gen = build_trainers(data, net, TrainConfig(), LocalRun(batch_size=batch))
     exchange = WireSites(trainers, gen, cfg)
     run_steps(gen, exchange, steps)
@@ -167,5 +169,5 @@ def bench_bytes(
         "per_step": per_step,
         "wire_to_raw": per_step["wire"] / per_step["raw"],
         "rows": _rows(size, per_step, steps_per_epoch, fedavg_round, cfg),
-        "breakdown": _breakdown(size, per_step),
+        "breakdown": _breakdown(size, per_step, cfg),
     }

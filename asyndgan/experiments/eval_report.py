@@ -49,8 +49,8 @@ def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
         f"{data['heldout_slices']} real slices ({_heldout_note(cfg)}); "
         f"{'x'.join(map(str, data['slice_size']))} px; modalities {', '.join(data['modalities'])}.",
         f"G: {cfg['generator']} ngf={cfg['ngf']}, D ndf={cfg['ndf']}, {cfg['gen_steps']} steps, batch "
-        f"{cfg['gen_batch']} per site (centralised: {cfg['centralised_batch']}); wire codec "
-        f"{cfg.get('codec', 'f32')}; AsynDGAN G trained "
+        f"{cfg['gen_batch']} per site (centralised: {cfg['centralised_batch']}); wire codecs: fakes "
+        f"{cfg.get('codec', 'f32')}, gradients {cfg.get('grad_codec') or cfg.get('codec', 'f32')}; AsynDGAN G trained "
         f"{gens['asyndgan']['seconds']:.0f} s, centralised "
         f"{gens['centralised']['seconds']:.0f} s ({gens['asyndgan']['torch_threads']} "
         "thread(s) each).",

@@ -60,6 +60,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--codec", help="override: AsynDGAN's fakes and gradients rounded as this wire codec carries them (default f32)"
     )
+    p.add_argument("--grad-codec", help="override: the gradients' wire codec instead of --codec (e.g. q4+zstd)")
     p.add_argument("--seg-steps", type=int, help="override: segmenter steps")
     p.add_argument("--seg-batch", type=int, help="override: segmenter batch")
     p.add_argument("--seg-base", type=int, help="override: segmenter width")
@@ -105,6 +106,7 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     given = {"gen_steps": a.gen_steps, "gen_batch": a.gen_batch, "ngf": a.ngf, "ndf": a.ndf}
     given["curve_points"] = a.curve_points
     given["codec"] = a.codec
+    given["grad_codec"] = a.grad_codec
     over: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     seg_given = {"steps": a.seg_steps, "batch_size": a.seg_batch, "base": a.seg_base}
     seg_over = {k: v for k, v in seg_given.items() if v is not None}

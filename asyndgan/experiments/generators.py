@@ -32,12 +32,13 @@ def train_generator(
     run: LocalRun,
     snapshots: Iterable[int],
     on_snapshot: Callable[[int, float, GeneratorTrainer], None],
-    wire_codec: Codec = LOSSLESS,
+    image_codec: Codec = LOSSLESS,
+    grad_codec: Codec = LOSSLESS,
 ) -> GeneratorTrainer:
     """:func:`asyndgan.local.train_local`'s loop (same trainers, seeds and batch order, so G after k steps equals
     ``train_local(iterations=k)`` bit for bit), calling ``on_snapshot(step, train_seconds, gen)`` after each step
-    listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks. A lossy ``wire_codec``
-    rounds fakes and gradients as the wire would."""
+    listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks. Lossy codecs round
+    fakes and gradients as the wire would."""
     site_trainers, gen = build_trainers(sites, net, train, run)
     wanted = set(snapshots)
     seconds = 0.0
@@ -53,7 +54,7 @@ def train_generator(
         if it in wanted:
             on_snapshot(it, seconds, gen)
 
-    exchange = InProcessSites(site_trainers, gen.modalities, wire_codec, wire_codec)
+    exchange = InProcessSites(site_trainers, gen.modalities, image_codec, grad_codec)
     run_steps(gen, exchange, run.iterations, on_step)
     return gen
 
@@ -123,6 +124,10 @@ def _train_generator_run(
         LocalRun(iterations=setting.gen_steps, batch_size=batch, seed=seed),
         snaps,
         on_snapshot,
-        Codec.parse(setting.codec) if kind == "asyndgan" else LOSSLESS,
+        *(
+            (Codec.parse(setting.codec), Codec.parse(setting.grad_codec or setting.codec))
+            if kind == "asyndgan"
+            else (LOSSLESS, LOSSLESS)
+        ),
     )
     return res

@@ -32,7 +32,8 @@ class Setting:
     holdout_fraction: float = 0.15
     holdout_gap: int = 4
     shifted_specs: tuple[str, ...] = ()  # optional second test set from a domain no site has (Dice only)
-    codec: str = "f32"  # AsynDGAN's fakes and gradients as the wire carries them (f32 = lossless)
+    codec: str = "f32"  # AsynDGAN's fakes (and gradients) as the wire carries them (f32 = lossless)
+    grad_codec: str = ""  # the gradients' codec when it differs from ``codec`` (with the sites' error feedback)
 
     def validate(self) -> None:
         if not self.site_specs:
@@ -43,6 +44,7 @@ class Setting:
             raise ValueError(f"setting {self.name}: holdout fraction must be in (0, 1) and gap >= 0")
         self.seg.validate()
         Codec.parse(self.codec)
+        Codec.parse(self.grad_codec or self.codec)
 
     def snapshot_steps(self) -> list[int]:
         k = min(self.curve_points, self.gen_steps)

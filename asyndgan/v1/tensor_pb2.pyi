@@ -34,9 +34,10 @@ class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType
     """decoded to float32"""
     DTYPE_UINT8: _Dtype.ValueType  # 4
     DTYPE_INT8_BLOCK: _Dtype.ValueType  # 5
-    """Signed 8-bit codes with one float32 scale per block of `block` elements: the payload is the
-    scales (ceil(n / block) little-endian float32) followed by the n int8 codes; value = code * scale.
-    Decoded to float32.
+    """Quantized floats with one float32 scale per block of `block` elements: the payload is the
+    scales (ceil(n / block) little-endian float32) followed by the n codes; value = code * scale.
+    bits = 0: int8 codes. bits = 4 or 2: unsigned u packed as for UINT8, code = u - (2^(bits-1) - 1).
+    bits = 1: one bit per element, code = 2u - 1 (a sign). Decoded to float32.
     """
 
 class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
@@ -51,9 +52,10 @@ DTYPE_FLOAT16: Dtype.ValueType  # 3
 """decoded to float32"""
 DTYPE_UINT8: Dtype.ValueType  # 4
 DTYPE_INT8_BLOCK: Dtype.ValueType  # 5
-"""Signed 8-bit codes with one float32 scale per block of `block` elements: the payload is the
-scales (ceil(n / block) little-endian float32) followed by the n int8 codes; value = code * scale.
-Decoded to float32.
+"""Quantized floats with one float32 scale per block of `block` elements: the payload is the
+scales (ceil(n / block) little-endian float32) followed by the n codes; value = code * scale.
+bits = 0: int8 codes. bits = 4 or 2: unsigned u packed as for UINT8, code = u - (2^(bits-1) - 1).
+bits = 1: one bit per element, code = 2u - 1 (a sign). Decoded to float32.
 """
 Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
