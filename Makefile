@@ -78,6 +78,11 @@ docker-smoke: setup
 eval: setup
 	$(PY) -m asyndgan.cli eval --out results
 
+# Wire codecs vs segmentation quality (easy setting per codec pair) -> results/codecs.{json,md}
+.PHONY: eval-codecs
+eval-codecs: setup
+	$(PY) -m asyndgan.experiments.codec_eval --out results
+
 # Privacy evaluation (guard vs none: attacks, membership, memorisation, utility, step time) -> results/privacy.{json,md}
 eval-privacy: setup
 	$(PY) -m asyndgan.experiments.privacy_eval --out results
