@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 PROG = "python -m asyndgan.experiments.bench"
 # Seconds each section took in the reference full run (results/bench.json): the weights of the progress line's ETA.
-SECTION_WEIGHTS = {"codec": 12, "step": 28, "bytes": 8, "distributed": 185, "scaling": 79, "synthesize": 11}
+SECTION_WEIGHTS = {
+    **{"codec": 12, "step": 28, "bytes": 30, "distributed": 185, "scaling": 79, "synthesize": 11},
+    "link": 300,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-requests", type=int, default=16)
     p.add_argument("--synth-repeat", type=int, default=3)
     p.add_argument("--synth-codecs", default="f32,bf16+zstd", help="image codecs the Synthesize client asks for")
+    p.add_argument("--link-sizes", default="64,128", help="image sizes of the emulated-link section")
+    p.add_argument("--link-rtts", default="0,20,100", help="round-trip times (ms) of the emulated links")
+    p.add_argument("--link-bandwidth", type=float, default=100.0, help="Mbit/s per site and direction")
+    p.add_argument("--link-steps", type=int, default=0, help="steps per link run (0: 30 at 64 px, 20 above)")
     return p
 
 
@@ -76,6 +83,7 @@ def _apply_quick(a: argparse.Namespace) -> None:
     a.steps, a.bytes_steps, a.scaling_steps, a.synth_requests, a.synth_repeat = 5, 3, 5, 4, 1
     a.step_sizes = a.bytes_sizes = "32"
     a.dist_size, a.synth_size = 32, 32
+    a.link_sizes, a.link_rtts, a.link_steps = "32", "0,50", 6
     a.scaling_sites, a.thread_plans, a.dist_repeat = "1,4,16", "0:1", 1
 
 

@@ -14,6 +14,7 @@ import torch
 from asyndgan.experiments.bytes_bench import bench_bytes
 from asyndgan.experiments.codec_bench import bench_codecs
 from asyndgan.experiments.figures import bytes_png
+from asyndgan.experiments.link_bench import bench_link
 from asyndgan.experiments.scaling import bench_scaling
 from asyndgan.experiments.synthesize_bench import bench_synthesize
 from asyndgan.experiments.tables import Report, target
@@ -69,16 +70,28 @@ def step_section(run: BenchRun) -> None:
     )
 
 
+# (fakes, gradients) codecs beside the defaults: 8-bit gradients, then 8-bit fakes too.
+Q8_VARIANTS = (("", "q8+zstd"), ("q8+zstd", "q8+zstd"))
+
+
 def bytes_section(run: BenchRun) -> None:
     a = run.args
-    per_size = [bench_bytes(s, a.batch_size, a.sites, a.bytes_steps, run.cores) for s in ints(a.bytes_sizes)]
+
+    def measure(size: int, fakes: str = "", grads: str = "") -> dict[str, Any]:
+        return bench_bytes(size, a.batch_size, a.sites, a.bytes_steps, run.cores, fakes, grads)
+
+    sizes = ints(a.bytes_sizes)
+    per_size = [measure(s) for s in sizes]
+    q8 = [[measure(s, *v) for v in Q8_VARIANTS] for s in sizes]
     run.results["bytes"] = per_size
+    run.results["bytes_q8"] = q8
     b0 = per_size[0]
     png = run.out.with_name("bytes.png")
     bytes_png(png, per_size)
+    rows = [r for s, variants in zip(per_size, q8, strict=True) for r in s["rows"] + [v["rows"][1] for v in variants]]
     run.report.section(
         f"Bytes on the wire ({a.sites} sites, batch {a.batch_size}, all sites together)",
-        [r for s in per_size for r in s["rows"]],
+        rows,
         ["size", "scheme", "MB_per_step", "MB_per_epoch", "vs_raw"],
         [
             f"epoch = {b0['steps_per_epoch']} steps ({b0['epoch_definition']}); samples per site "
@@ -90,16 +103,19 @@ def bytes_section(run: BenchRun) -> None:
                 for s in per_size
             ),
             f"Project bytes: serialized StepRequest + StepResponse of {b0['steps_measured']} real training steps "
-            f"from initialisation; plot: {png}.",
+            f"from initialisation (q8 gradients with the sites' error feedback); plot (default codecs): {png}.",
         ],
     )
     run.report.section(
-        "Bytes per step by tensor (this project's default codecs)",
-        [r for s in per_size for r in s["breakdown"]],
-        ["size", "tensor", "raw_kB_per_step", "wire_kB_per_step", "ratio"],
+        "Bytes per step by tensor",
+        [r for s, variants in zip(per_size, q8, strict=True) for v in (s, *variants) for r in v["breakdown"]],
+        ["size", "tensor", "codec", "raw_kB_per_step", "wire_kB_per_step", "ratio"],
     )
-    for s in per_size:
+    for s, (grads_only, both) in zip(per_size, q8, strict=True):
         run.targets.append(target(f"wire / raw float32 per step ({s['size']} px)", s["wire_to_raw"], 0.4, False))
+        if s["size"] == 64:
+            run.targets.append(target("wire / raw, q8 gradients (64 px)", grads_only["wire_to_raw"], 0.15, False))
+            run.targets.append(target("wire / raw, q8 fakes + gradients (64 px)", both["wire_to_raw"], 0.15, False))
 
 
 def _distributed_runs(run: BenchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -197,6 +213,39 @@ def scaling_section(run: BenchRun) -> None:
     run.targets.append(target(name, last["ratio_to_n1"], 1.2, False))
 
 
+_LINK_COLUMNS = [
+    *("size", "link", "rtt_ms", "seconds_per_step", "runs_s_per_step", "ratio_to_rtt0", "wire_bytes_per_step"),
+    *("generator_own_s", "slowest_rpc_s", "site_handling_s", "in_flight_s"),
+]
+
+
+def link_section(run: BenchRun) -> None:
+    a = run.args
+    rtts = [float(v) for v in a.link_rtts.split(",") if v.strip()]
+    per_size = [bench_link(s, rtts, a.link_bandwidth, a.sites, a.link_steps or None) for s in ints(a.link_sizes)]
+    run.results["link"] = per_size
+    s0 = per_size[0]
+    run.report.section(
+        f"Emulated links ({a.sites} sites, batch {s0['batch']}, {a.link_bandwidth:g} Mbit/s per site and direction, "
+        f"dial-in through a loopback TCP proxy per site)",
+        [{"size": s["size"], **r, **r["split_s"]} for s in per_size for r in s["rows"]],
+        _LINK_COLUMNS,
+        [
+            f"`asyndgan.experiments.link_bench`: site processes and a generator process ({s0['threads']}), "
+            "`--privacy none --subjects 0`, steady seconds per step; each site's link adds the RTT (half each way) "
+            "and serialises bytes at the bandwidth (`asyndgan.experiments.linkemu`). direct = no proxy.",
+            "Split of a steady step (from the processes' Prometheus histograms): generator_own_s = G's forward, "
+            "codecs, aggregation, backward and update; slowest_rpc_s = the slowest site's Step as the generator sees it; "
+            "site_handling_s = that site's own handling; in_flight_s = the difference (network, gRPC).",
+        ],
+    )
+    for s in per_size:
+        if s["size"] == 64:
+            row = next(r for r in s["rows"] if r["rtt_ms"] == max(rtts))
+            name = f"step time at {max(rtts):g} ms RTT / RTT 0 (64 px)"
+            run.targets.append(target(name, row["ratio_to_rtt0"], 1.25, False))
+
+
 def synthesize_section(run: BenchRun) -> None:
     a = run.args
     torch.set_num_threads(run.cores)
@@ -225,4 +274,5 @@ SECTIONS: dict[str, Callable[[BenchRun], None]] = {
     "distributed": distributed_section,
     "scaling": scaling_section,
     "synthesize": synthesize_section,
+    "link": link_section,
 }

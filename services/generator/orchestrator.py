@@ -178,7 +178,9 @@ class StepExchange:
         except grpc.RpcError as e:
             self.observer.on_rpc(link.name, "Step", self.seconds.get(link.name, 0.0), e.code().name)
             return _dropped(e)
-        self.observer.on_rpc(link.name, "Step", self.seconds[link.name], "OK")
+        # result() can return before the done-callback that records the time has run
+        seconds = self.seconds.setdefault(link.name, time.perf_counter() - start)
+        self.observer.on_rpc(link.name, "Step", seconds, "OK")
         self.count(link, "received", reply, [reply.grad, reply.next.labels])
         assert link.info is not None
         try:
