@@ -235,8 +235,8 @@ def link_section(run: BenchRun) -> None:
             "`--privacy none --subjects 0`, steady seconds per step; each site's link adds the RTT (half each way) "
             "and serialises bytes at the bandwidth (`asyndgan.experiments.linkemu`). direct = no proxy.",
             "Split of a steady step (from the processes' Prometheus histograms): generator_own_s = G's forward, "
-            "codecs, aggregation, backward and update; slowest_rpc_s = the slowest site's Step as the generator sees it; "
-            "site_handling_s = that site's own handling; in_flight_s = the difference (network, gRPC).",
+            "codecs, aggregation, backward and update; slowest_rpc_s = the slowest site's Step as the generator "
+            "sees it; site_handling_s = that site's own handling; in_flight_s = the difference (network, gRPC).",
         ],
     )
     for s in per_size:
