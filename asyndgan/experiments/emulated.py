@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from asyndgan import codec, wire
+from asyndgan.algorithm import TrainConfig, training_settings
 from asyndgan.experiments.datasets import label_pool
 from asyndgan.messages import LossTerm, SiteDescription, SiteStatus, StepAnswer
+from asyndgan.nets import NetConfig
 from asyndgan.rpc import Server, make_server
 from asyndgan.v1 import discriminator_pb2 as pb
 from asyndgan.v1 import discriminator_pb2_grpc as pb_grpc
@@ -46,7 +48,9 @@ class EmulatedSite(pb_grpc.DiscriminatorServiceServicer):
         self.steps = 0
         self.lock = threading.Lock()
         h, w = pool.shape[1:]
-        self.description = SiteDescription(site_id, len(pool), ("t1",), h, w, num_classes, batch)
+        # It reports the default training settings, as a real site with default flags does.
+        settings = training_settings(NetConfig(), TrainConfig())
+        self.description = SiteDescription(site_id, len(pool), ("t1",), h, w, num_classes, batch, settings=settings)
         rng = np.random.default_rng(seed)
         self.label_batches = [
             torch.from_numpy(np.ascontiguousarray(pool[rng.integers(0, len(pool), batch)]))

@@ -3,7 +3,6 @@ process, real gRPC on loopback) vs the same generator's forward pass called dire
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import tempfile
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import TrainConfig, training_settings
 from asyndgan.clients.generator_client import GeneratorClient
 from asyndgan.experiments.datasets import label_pool
 from asyndgan.experiments.emulated import EmulatedSite, serve_emulated
@@ -73,10 +71,7 @@ def bench_synthesize(size: int, batch: int, requests: int, repeat: int, codecs: 
     """Images/s through the generator service's Synthesize stream (client and server in this process, real
     gRPC on loopback) vs the same generator's forward pass called directly, same batch and threads."""
     pool, num_classes = label_pool(size)
-    site = EmulatedSite("emulated", pool, num_classes, batch, 0.0)
-    # The generator admits only sites that report its training settings; the emulated site has none of its own.
-    site.description = dataclasses.replace(site.description, settings=training_settings(NetConfig(), TrainConfig()))
-    site_server = serve_emulated(site)
+    site_server = serve_emulated(EmulatedSite("emulated", pool, num_classes, batch, 0.0))
     rng = np.random.default_rng(0)
     batches = [np.ascontiguousarray(pool[rng.integers(0, len(pool), batch)]) for _ in range(requests)]
     with tempfile.TemporaryDirectory() as tmp:
