@@ -263,7 +263,7 @@ def synthesize_section(run: BenchRun) -> None:
         ],
     )
     first = res["rows"][2]
-    run.targets.append(target(f"Synthesize / forward pass ({synth_codecs[0]})", first["vs_forward"], 0.9, True))
+    run.targets.append(target(f"Synthesize / forward pass ({synth_codecs[0]})", first["vs_forward"], 0.95, True))
 
 
 # in the order they run
