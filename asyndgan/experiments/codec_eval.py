@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -52,15 +53,23 @@ def _row(name: str, fakes: str, grads: str, report: dict[str, Any], wire_to_raw:
     }
 
 
-def run_codec_eval(out: Path, variants: Sequence[str], opts: EvalOptions, bytes_steps: int = 5) -> dict[str, Any]:
-    """One easy-setting evaluation per codec variant, then the table against the first variant."""
+def run_codec_eval(
+    out: Path, variants: Sequence[str], opts: EvalOptions, bytes_steps: int = 5, reuse: bool = False
+) -> dict[str, Any]:
+    """One easy-setting evaluation per codec variant, then the table against the first variant. ``reuse``: a
+    variant whose ``OUT/codecs/NAME/eval.json`` exists (a finished run of its own) is read, not run again."""
     easy = default_settings(quick=opts.quick)["easy"]
     rows = []
     for name in variants:
         fakes, grads = VARIANTS[name]
         setting = dataclasses.replace(easy, codec=fakes, grad_codec=grads)
         log.info("codec variant %s: fakes %s, gradients %s", name, fakes, grads)
-        report = run_evaluation([setting], opts, out / "codecs" / name, ["codec_eval", name])
+        done = out / "codecs" / name / "eval.json"
+        if reuse and done.exists():
+            log.info("reusing %s", done)
+            report = json.loads(done.read_text())
+        else:
+            report = run_evaluation([setting], opts, done.parent, ["codec_eval", name])
         wire = bench_bytes(64, 8, 3, bytes_steps, opts.threads, fakes, grads)["wire_to_raw"]
         rows.append(_row(name, fakes, grads, report, wire))
     ref = rows[0]
@@ -122,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="results")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed (smoke test)")
+    p.add_argument("--reuse", action="store_true", help="read variants already evaluated under OUT/codecs/")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = list(sys.argv[1:] if argv is None else argv)
@@ -141,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=a.quick,
     )
     out = Path(a.out)
-    result = run_codec_eval(out, variants, opts, bytes_steps=2 if a.quick else 5)
+    result = run_codec_eval(out, variants, opts, bytes_steps=2 if a.quick else 5, reuse=a.reuse)
     write_json_atomic(out / "codecs.json", result)
     write_bytes_atomic(
         out / "codecs.md", _markdown(result, ["python -m asyndgan.experiments.codec_eval", *args]).encode()
