@@ -32,9 +32,9 @@ class WireSites(InProcessSites):
     counts them on the wire."""
 
     def __init__(self, trainers: list[SiteTrainer], gen: GeneratorTrainer, cfg: OrchestratorConfig) -> None:
-        super().__init__(
-            trainers, gen.modalities, codec.Codec.parse(cfg.image_codec), codec.Codec.parse(cfg.grad_codec)
-        )
+        # The fakes the sites train on are decoded from real messages already: no second rounding in-process.
+        super().__init__(trainers, gen.modalities, codec.LOSSLESS, codec.Codec.parse(cfg.grad_codec))
+        self.wire_image_codec = codec.Codec.parse(cfg.image_codec)
         self.gen = gen
         self.label_codec = codec.Codec.parse(cfg.label_codec)
         self.descriptions = [self._describe(j, t) for j, t in enumerate(trainers)]
@@ -59,7 +59,7 @@ class WireSites(InProcessSites):
         reqs = [
             wire.step_request_to_proto(
                 StepWork(b.id, part, self.modalities, self.gen.steps, self.grad_codec, self.label_codec),
-                self.image_codec,
+                self.wire_image_codec,
             )
             for b, part in zip(self.batches, fakes, strict=True)
         ]
