@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -321,8 +321,14 @@ class Dropped:
     detail: str = ""
 
 
-# exchange(fakes per site, in site order) -> per site, in the same order: its answer, or why it has none.
-Exchange = Callable[[list[torch.Tensor]], list[StepAnswer | Dropped]]
+class Exchange(Protocol):
+    """One step's round trip with the sites, in two halves so that G works while sites answer: ``send(j, fakes)``
+    hands site j its images and returns at once; ``answer(j)`` waits for site j's answer, or says why it has none.
+    G sends to every site (in site order) before it asks for the first answer."""
+
+    def send(self, j: int, fakes: torch.Tensor) -> None: ...
+
+    def answer(self, j: int) -> StepAnswer | Dropped: ...
 
 
 @dataclass
@@ -392,29 +398,33 @@ class GeneratorTrainer:
         return reply
 
     def step(self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange) -> StepOutcome:
-        """Forward all sites' label maps at once, exchange fakes for gradients, aggregate, step.
+        """One G step, pipelined with the network: G forwards and sends each site's label maps in turn (site j
+        computes while G forwards site j+1), then backpropagates each site's gradient, weighted n_j, as soon as
+        it is there (while later sites are still answering); the sum is divided by the n of the sites that
+        answered. Per-sample G (instance norm, no dropout) makes this the same step as one batched forward.
 
         ``sizes`` are the sites' sample counts n_j. A site whose gradient is unusable is left out
         (``Dropped("bad_gradient")``). Aggregation runs in site order, never arrival order."""
         with self.lock:
-            counts = [int(t.shape[0]) for t in labels]
-            fakes = self.forward(torch.cat(list(labels)))
-            parts = [p.detach().cpu() for p in fakes.split(counts)]
-            results = [self._usable(r, p) for r, p in zip(exchange(parts), parts, strict=True)]
-            ok = [isinstance(r, StepAnswer) for r in results]
-            total = sum(n for n, k in zip(sizes, ok, strict=True) if k)
-            weights = [n / total if k else 0.0 for n, k in zip(sizes, ok, strict=True)]
+            fakes = []
+            for j, lab in enumerate(labels):
+                fakes.append(self.forward(lab))
+                exchange.send(j, fakes[-1].detach().cpu())
+            self.opt.zero_grad(set_to_none=True)
+            results: list[StepAnswer | Dropped] = []
+            for j, fake in enumerate(fakes):
+                results.append(r := self._usable(exchange.answer(j), fake))
+                if isinstance(r, StepAnswer):
+                    fake.backward(r.grad.to(self.device, torch.float32) * float(sizes[j]))
+                fakes[j] = fake.detach()  # the graph is spent or not needed: free it now
+            total = sum(n for n, r in zip(sizes, results, strict=True) if isinstance(r, StepAnswer))
+            weights = [n / total if isinstance(r, StepAnswer) else 0.0 for n, r in zip(sizes, results, strict=True)]
             outcome = StepOutcome(self.steps, results, weights)
             if total == 0:
                 return outcome
-            grads = [
-                r.grad.to(self.device, torch.float32) * w
-                if isinstance(r, StepAnswer)
-                else torch.zeros_like(p, device=self.device)
-                for r, p, w in zip(results, parts, weights, strict=True)
-            ]
-            self.opt.zero_grad(set_to_none=True)
-            fakes.backward(torch.cat(grads))
+            for p in self.G.parameters():
+                if p.grad is not None:
+                    p.grad.div_(total)
             self.opt.step()
             self.steps += 1
             outcome.generator_loss = sum(

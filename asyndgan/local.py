@@ -116,9 +116,9 @@ def build_trainers(
 
 
 class InProcessSites:
-    """The sites of an in-process run behind the same exchange surface as the network: each call trains
-    every site on its outstanding batch and draws its next one, as the discriminator service does. Lossy
-    codecs round fakes and gradients as the wire would (the gradient with the sites' error feedback)."""
+    """The sites of an in-process run behind the same exchange surface as the network: asked for its answer, a
+    site trains on its outstanding batch and draws its next one, as the discriminator service does. Lossy codecs
+    round fakes and gradients as the wire would (the gradient with the sites' error feedback)."""
 
     def __init__(
         self,
@@ -132,22 +132,23 @@ class InProcessSites:
         self.image_codec = image_codec
         self.grad_codec = grad_codec
         self.batches: list[Batch] = [t.next_batch() for t in trainers]
+        self.sent: dict[int, torch.Tensor] = {}
         self.sizes = [len(t.data) for t in trainers]
 
     def labels(self) -> list[torch.Tensor]:
         return [b.labels for b in self.batches]
 
-    def __call__(self, fakes: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
-        answers: list[StepAnswer | Dropped] = []
-        for j, (t, b, part) in enumerate(zip(self.trainers, self.batches, fakes, strict=True)):
-            try:
-                grad = t.step(b, roundtrip(part, self.image_codec), self.modalities, self.grad_codec)
-            except BudgetExhausted as e:  # as over the network: the site is finished, the others go on
-                answers.append(Dropped("finished", str(e)))
-                continue
-            self.batches[j] = nxt = t.next_batch()
-            answers.append(StepAnswer(b.id, grad, list(t.last_losses), nxt.id, nxt.labels))
-        return answers
+    def send(self, j: int, fakes: torch.Tensor) -> None:
+        self.sent[j] = roundtrip(fakes, self.image_codec)
+
+    def answer(self, j: int) -> StepAnswer | Dropped:
+        t, b = self.trainers[j], self.batches[j]
+        try:
+            grad = t.step(b, self.sent.pop(j), self.modalities, self.grad_codec)
+        except BudgetExhausted as e:  # as over the network: the site is finished, the others go on
+            return Dropped("finished", str(e))
+        self.batches[j] = nxt = t.next_batch()
+        return StepAnswer(b.id, grad, list(t.last_losses), nxt.id, nxt.labels)
 
 
 def run_steps(

@@ -38,6 +38,7 @@ class WireSites(InProcessSites):
         self.gen = gen
         self.label_codec = codec.Codec.parse(cfg.label_codec)
         self.descriptions = [self._describe(j, t) for j, t in enumerate(trainers)]
+        self.requests: dict[int, tuple[pb.StepRequest, torch.Tensor]] = {}
         self.counts = dict.fromkeys(("wire", "raw", *(f"{t}_{w}" for t in _TENSORS for w in ("wire", "raw"))), 0)
 
     @staticmethod
@@ -55,23 +56,20 @@ class WireSites(InProcessSites):
         c["grad_raw"] += answer.grad.numel() * 4
         c["labels_raw"] += answer.next_labels.numel()
 
-    def __call__(self, fakes: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
-        reqs = [
-            wire.step_request_to_proto(
-                StepWork(b.id, part, self.modalities, self.gen.steps, self.grad_codec, self.label_codec),
-                self.wire_image_codec,
-            )
-            for b, part in zip(self.batches, fakes, strict=True)
-        ]
-        works = [wire.step_request_from_proto(r, d) for r, d in zip(reqs, self.descriptions, strict=True)]
-        answers = super().__call__([w.fakes for w in works])
-        out: list[StepAnswer | Dropped] = []
-        for req, work, part, answer, d in zip(reqs, works, fakes, answers, self.descriptions, strict=True):
-            assert isinstance(answer, StepAnswer)  # an in-process site always answers
-            reply = wire.step_reply_to_proto(answer, work.grad_codec, work.label_codec)
-            self._count(req, reply, part, answer)
-            out.append(wire.step_reply_from_proto(reply, part, d))
-        return out
+    def send(self, j: int, fakes: torch.Tensor) -> None:
+        b, d = self.batches[j], self.descriptions[j]
+        work = StepWork(b.id, fakes, self.modalities, self.gen.steps, self.grad_codec, self.label_codec)
+        req = wire.step_request_to_proto(work, self.wire_image_codec)
+        self.requests[j] = (req, fakes)
+        super().send(j, wire.step_request_from_proto(req, d).fakes)
+
+    def answer(self, j: int) -> StepAnswer | Dropped:
+        req, part = self.requests.pop(j)
+        answer = super().answer(j)
+        assert isinstance(answer, StepAnswer)  # an in-process site always answers
+        reply = wire.step_reply_to_proto(answer, self.grad_codec, self.label_codec)
+        self._count(req, reply, part, answer)
+        return wire.step_reply_from_proto(reply, part, self.descriptions[j])
 
 
 def _param_counts(

@@ -18,7 +18,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 
 from asyndgan.algorithm import Dropped, SiteTrainer
 from asyndgan.clients.attacks import MIN_RATIO, AttackRun, Placement, SliceBook, confident_signs
@@ -52,16 +51,17 @@ class RecordingSites(InProcessSites):
         self.watch = watch
         self.records: list[Record] = []
 
-    def __call__(self, fakes: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
-        labels = self.batches[self.watch].labels.numpy().copy()
-        answers = super().__call__(fakes)
-        answer = answers[self.watch]
+    def answer(self, j: int) -> StepAnswer | Dropped:
+        if j != self.watch:
+            return super().answer(j)
+        labels = self.batches[j].labels.numpy().copy()
+        sent = self.sent[j].detach().cpu().numpy().copy()
+        answer = super().answer(j)
         if isinstance(answer, StepAnswer):
-            sent = fakes[self.watch].detach().cpu().numpy().copy()
             grad = answer.grad.detach().float().cpu().numpy().copy()
             if grad.shape == sent.shape and bool(np.isfinite(grad).all()):  # as run_passive
                 self.records.append((labels, sent, grad))
-        return answers
+        return answer
 
 
 def _content_box(view: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -19,13 +19,21 @@ from asyndgan.messages import LossTerm, StepAnswer
 from asyndgan.nets import NetConfig
 from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink
 
-__all__ = ["bench_scaling", "zero_exchange"]
+__all__ = ["ZeroExchange", "bench_scaling"]
 
 
-def zero_exchange(parts: list[torch.Tensor]) -> list[StepAnswer | Dropped]:
+class ZeroExchange:
     """Every site answers at once with a zero gradient (the generator's compute without any site)."""
-    none = torch.empty((0, 0, 0), dtype=torch.uint8)
-    return [StepAnswer(0, torch.zeros_like(p), [LossTerm("G", "", "total", 0.0)], 0, none) for p in parts]
+
+    def __init__(self) -> None:
+        self.sent: dict[int, torch.Tensor] = {}
+
+    def send(self, j: int, fakes: torch.Tensor) -> None:
+        self.sent[j] = fakes
+
+    def answer(self, j: int) -> StepAnswer | Dropped:
+        none = torch.empty((0, 0, 0), dtype=torch.uint8)
+        return StepAnswer(0, torch.zeros_like(self.sent.pop(j)), [LossTerm("G", "", "total", 0.0)], 0, none)
 
 
 def _orchestrated(orch: Orchestrator, gen: GeneratorTrainer, warmup: int, steps: int) -> list[float]:
@@ -46,7 +54,7 @@ def _compute(gen: GeneratorTrainer, labels: list[torch.Tensor], pool_size: int, 
     compute = []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        gen.step(labels, [pool_size] * len(labels), zero_exchange)
+        gen.step(labels, [pool_size] * len(labels), ZeroExchange())
         if i >= warmup:
             compute.append(time.perf_counter() - t)
     return compute

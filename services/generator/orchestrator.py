@@ -142,28 +142,31 @@ _TIMEOUTS = (TimeoutError, grpc.FutureTimeoutError)
 
 
 class StepExchange:
-    """One step's round trip: G's images to every site at once, per site its :class:`StepAnswer` or why not.
+    """One step's round trip (an :class:`Exchange`): G's images to each site as soon as they are made, per site
+    its :class:`StepAnswer` or why not.
 
     Each site is waited for until its own deadline (:meth:`SiteLink.deadline`); a call still running then is
     kept in :attr:`late` (its answer brings the site back in). It only talks and decodes; it changes no link."""
 
     def __init__(
-        self, links: Sequence[SiteLink], cfg: OrchestratorConfig, observer: StepObserver, count: Counter, step: int
+        self,
+        links: Sequence[SiteLink],
+        cfg: OrchestratorConfig,
+        observer: StepObserver,
+        count: Counter,
+        gen: GeneratorTrainer,
     ) -> None:
-        self.links, self.cfg, self.observer, self.count, self.step = links, cfg, observer, count, step
+        self.links, self.cfg, self.observer, self.count = links, cfg, observer, count
+        self.step, self.modalities = gen.steps, gen.modalities
+        self.codecs = tuple(codec.Codec.parse(c) for c in (cfg.image_codec, cfg.grad_codec, cfg.label_codec))
+        self.sent: dict[int, tuple[torch.Tensor, Pending, float]] = {}
         self.late: dict[str, Pending] = {}
         self.seconds: dict[str, float] = {}
 
-    def _send(self, link: SiteLink, part: torch.Tensor, modalities: tuple[str, ...]) -> Pending:
-        work = StepWork(
-            link.batch_id,
-            part,
-            modalities,
-            self.step,
-            codec.Codec.parse(self.cfg.grad_codec),
-            codec.Codec.parse(self.cfg.label_codec),
-        )
-        req = wire.step_request_to_proto(work, codec.Codec.parse(self.cfg.image_codec))
+    def _send(self, link: SiteLink, part: torch.Tensor) -> Pending:
+        image, grad, label = self.codecs
+        work = StepWork(link.batch_id, part, self.modalities, self.step, grad, label)
+        req = wire.step_request_to_proto(work, image)
         self.count(link, "sent", req, [req.fakes])
         return link.transport.call("Step", req, self.cfg.step_deadline_s)
 
@@ -188,18 +191,16 @@ class StepExchange:
         except codec.CodecError as e:
             return Dropped("bad_reply", str(e))
 
-    def __call__(self, parts: list[torch.Tensor], modalities: tuple[str, ...]) -> list[StepAnswer | Dropped]:
-        sent = []
-        for link, part in zip(self.links, parts, strict=True):
-            start = time.perf_counter()
-            fut = self._send(link, part, modalities)
-            # per-site completion time, whatever order we read them in
-            fut.add_done_callback(lambda _f, n=link.name, t=start: self.seconds.setdefault(n, time.perf_counter() - t))
-            sent.append((start, fut))
-        return [
-            self._receive(link, part, fut, start)
-            for link, part, (start, fut) in zip(self.links, parts, sent, strict=True)
-        ]
+    def send(self, j: int, part: torch.Tensor) -> None:
+        link, start = self.links[j], time.perf_counter()
+        fut = self._send(link, part)
+        # per-site completion time, whatever order we read them in
+        fut.add_done_callback(lambda _f, n=link.name, t=start: self.seconds.setdefault(n, time.perf_counter() - t))
+        self.sent[j] = (part, fut, start)
+
+    def answer(self, j: int) -> StepAnswer | Dropped:
+        part, fut, start = self.sent.pop(j)
+        return self._receive(self.links[j], part, fut, start)
 
 
 class Orchestrator:
@@ -442,10 +443,10 @@ class Orchestrator:
         if not links:
             waits = "; ".join(f"{lk.name}: {lk.waiting or lk.last_error or 'coming back'}" for lk in self.links)
             raise ConnectionError(f"no site is ready ({waits})")
-        exchange = StepExchange(links, self.cfg, self.observer, self._count, gen.steps)
+        exchange = StepExchange(links, self.cfg, self.observer, self._count, gen)
         sizes = [link.info.num_samples if link.info else 0 for link in links]
         labels = [link.labels for link in links if link.labels is not None]
-        outcome = gen.step(labels, sizes, lambda parts: exchange(parts, gen.modalities))
+        outcome = gen.step(labels, sizes, exchange)
         for link, result in zip(links, outcome.results, strict=True):
             if isinstance(result, StepAnswer):
                 link.latencies.append(exchange.seconds.get(link.name, 0.0))
