@@ -364,6 +364,7 @@ class GeneratorTrainer:
         image_size: int = 64,
         device: torch.device | str = "cpu",
         max_grad_norm: float = math.inf,
+        pipeline: bool = False,
     ) -> None:
         net.validate()
         train.validate()
@@ -373,6 +374,7 @@ class GeneratorTrainer:
         self.G = build_generator(net, num_classes, len(self.modalities), seed, image_size).to(self.device)
         self.opt = _adam(self.G.parameters(), train.lr_g, train)
         self.max_grad_norm = max_grad_norm
+        self.pipeline = pipeline
         self.steps = 0
         # Held for a whole step (forward, exchange, backward) and by readers of G (Synthesize, checkpoints).
         self.lock = threading.RLock()
@@ -398,39 +400,71 @@ class GeneratorTrainer:
         return reply
 
     def step(self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange) -> StepOutcome:
-        """One G step, pipelined with the network: G forwards and sends each site's label maps in turn (site j
-        computes while G forwards site j+1), then backpropagates each site's gradient, weighted n_j, as soon as
-        it is there (while later sites are still answering); the sum is divided by the n of the sites that
-        answered. Per-sample G (instance norm, no dropout) makes this the same step as one batched forward.
+        """One G step: forward, send every site its images, take the answers, backpropagate
+        sum_j w_j * grad_j, step. ``sizes`` are the sites' sample counts n_j. A site whose gradient is unusable
+        is left out (``Dropped("bad_gradient")``). Aggregation runs in site order, never arrival order.
 
-        ``sizes`` are the sites' sample counts n_j. A site whose gradient is unusable is left out
-        (``Dropped("bad_gradient")``). Aggregation runs in site order, never arrival order."""
+        By default one forward and one backward pass cover all sites. With ``pipeline`` G forwards and sends
+        each site in turn (site j computes while G forwards site j+1) and backpropagates each gradient, weighted
+        n_j, as soon as it is there; the sum is divided by the n of the sites that answered. Per-sample G
+        (instance norm, no dropout) makes that the same step; it trades G's batch efficiency for overlap."""
         with self.lock:
-            fakes = []
-            for j, lab in enumerate(labels):
-                fakes.append(self.forward(lab))
-                exchange.send(j, fakes[-1].detach().cpu())
-            self.opt.zero_grad(set_to_none=True)
-            results: list[StepAnswer | Dropped] = []
-            for j, fake in enumerate(fakes):
-                results.append(r := self._usable(exchange.answer(j), fake))
-                if isinstance(r, StepAnswer):
-                    fake.backward(r.grad.to(self.device, torch.float32) * float(sizes[j]))
-                fakes[j] = fake.detach()  # the graph is spent or not needed: free it now
-            total = sum(n for n, r in zip(sizes, results, strict=True) if isinstance(r, StepAnswer))
+            if self.pipeline:
+                results, total = self._pipelined(labels, sizes, exchange)
+            else:
+                results, total = self._batched(labels, sizes, exchange)
             weights = [n / total if isinstance(r, StepAnswer) else 0.0 for n, r in zip(sizes, results, strict=True)]
             outcome = StepOutcome(self.steps, results, weights)
             if total == 0:
                 return outcome
-            for p in self.G.parameters():
-                if p.grad is not None:
-                    p.grad.div_(total)
             self.opt.step()
             self.steps += 1
             outcome.generator_loss = sum(
                 w * _total_loss(r.losses) for r, w in zip(results, weights, strict=True) if isinstance(r, StepAnswer)
             )
             return outcome
+
+    def _batched(
+        self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange
+    ) -> tuple[list[StepAnswer | Dropped], int]:
+        """All sites in one forward and one backward pass; G's gradients are left in place (none if no answer)."""
+        fakes = self.forward(torch.cat(list(labels)))
+        parts = list(fakes.split([int(t.shape[0]) for t in labels]))
+        for j, part in enumerate(parts):
+            exchange.send(j, part.detach().cpu())
+        results = [self._usable(exchange.answer(j), p) for j, p in enumerate(parts)]
+        total = sum(n for n, r in zip(sizes, results, strict=True) if isinstance(r, StepAnswer))
+        if total:
+            grads = [
+                r.grad.to(self.device, torch.float32) * (n / total)
+                if isinstance(r, StepAnswer)
+                else torch.zeros_like(p)
+                for r, p, n in zip(results, parts, sizes, strict=True)
+            ]
+            self.opt.zero_grad(set_to_none=True)
+            fakes.backward(torch.cat(grads))
+        return results, total
+
+    def _pipelined(
+        self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange
+    ) -> tuple[list[StepAnswer | Dropped], int]:
+        """Per site: forward and send, then backward each answer on arrival; G's gradients are left in place."""
+        fakes = []
+        for j, lab in enumerate(labels):
+            fakes.append(self.forward(lab))
+            exchange.send(j, fakes[-1].detach().cpu())
+        self.opt.zero_grad(set_to_none=True)
+        results: list[StepAnswer | Dropped] = []
+        for j, fake in enumerate(fakes):
+            results.append(r := self._usable(exchange.answer(j), fake))
+            if isinstance(r, StepAnswer):
+                fake.backward(r.grad.to(self.device, torch.float32) * float(sizes[j]))
+            fakes[j] = fake.detach()  # the graph is spent or not needed: free it now
+        total = sum(n for n, r in zip(sizes, results, strict=True) if isinstance(r, StepAnswer))
+        for p in self.G.parameters():
+            if total and p.grad is not None:
+                p.grad.div_(total)
+        return results, total
 
     def state_dict(self) -> dict[str, Any]:
         with self.lock:

@@ -356,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="most seconds a site has per step (adapts below this to each site's latency, floor 5 s)",
     )
     p.add_argument("--max-grad-norm", type=float, default=1e3, help="drop a site gradient above this L2 norm")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="forward/send and backward per site, overlapping the sites' round trips (same step; costs G's "
+        "batch efficiency; README, Results)",
+    )
     p.add_argument("--out", help="write summary.json and samples.png here")
     p.add_argument("--heldout", help="held-out data spec for evaluation (L1)")
     p.add_argument("--serve", action="store_true", help="keep serving Synthesize after training")

@@ -216,6 +216,7 @@ def generator_config(a: argparse.Namespace) -> GeneratorConfig:
         tls=tls_config(a),
         allowed_clients=tuple(a.allow_client),
         max_grad_norm=a.max_grad_norm,
+        pipeline=a.pipeline,
         device=a.device,
         min_sites=a.min_sites,
     )

@@ -214,7 +214,7 @@ def scaling_section(run: BenchRun) -> None:
 
 
 _LINK_COLUMNS = [
-    *("size", "link", "rtt_ms", "seconds_per_step", "runs_s_per_step", "ratio_to_rtt0", "wire_bytes_per_step"),
+    *("size", "link", "step", "rtt_ms", "seconds_per_step", "runs_s_per_step", "ratio_to_rtt0", "wire_bytes_per_step"),
     *("generator_own_s", "slowest_rpc_s", "site_handling_s", "in_flight_s"),
 ]
 
@@ -222,7 +222,11 @@ _LINK_COLUMNS = [
 def link_section(run: BenchRun) -> None:
     a = run.args
     rtts = [float(v) for v in a.link_rtts.split(",") if v.strip()]
-    per_size = [bench_link(s, rtts, a.link_bandwidth, a.sites, a.link_steps or None) for s in ints(a.link_sizes)]
+    piped = [float(v) for v in a.link_pipeline_rtts.split(",") if v.strip()]
+    per_size = [
+        bench_link(s, rtts, a.link_bandwidth, a.sites, a.link_steps or None, pipeline_rtts_ms=piped)
+        for s in ints(a.link_sizes)
+    ]
     run.results["link"] = per_size
     s0 = per_size[0]
     run.report.section(
@@ -237,11 +241,14 @@ def link_section(run: BenchRun) -> None:
             "Split of a steady step (from the processes' Prometheus histograms): generator_own_s = G's forward, "
             "codecs, aggregation, backward and update; slowest_rpc_s = the slowest site's Step as the generator "
             "sees it; site_handling_s = that site's own handling; in_flight_s = the difference (network, gRPC).",
+            "step: batched = the default (one forward and one backward pass for all sites); pipelined = "
+            "`--pipeline` (per-site forward/send and backward on arrival; then generator_own_s = step - slowest RPC "
+            "is no longer G's own time, part of it overlaps the RPCs).",
         ],
     )
     for s in per_size:
         if s["size"] == 64:
-            row = next(r for r in s["rows"] if r["rtt_ms"] == max(rtts))
+            row = next(r for r in s["rows"] if r["rtt_ms"] == max(rtts) and r["step"] == "batched")
             name = f"step time at {max(rtts):g} ms RTT / RTT 0 (64 px)"
             run.targets.append(target(name, row["ratio_to_rtt0"], 1.25, False))
 

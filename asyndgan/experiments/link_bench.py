@@ -178,8 +178,17 @@ class _Poller:
         }
 
 
+Variant = tuple[float | None, bool]  # (RTT in ms, None: no proxy; the generator's --pipeline)
+
+
 def _generator(
-    cfg: DemoConfig, run_dir: Path, env: dict[str, str], sites: _Sites, targets: Sequence[int], row: str
+    cfg: DemoConfig,
+    run_dir: Path,
+    env: dict[str, str],
+    sites: _Sites,
+    targets: Sequence[int],
+    row: str,
+    pipeline: bool,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One generator run against ``targets`` (ports standing for the sites); its summary and the time split."""
     out = run_dir / row
@@ -190,6 +199,7 @@ def _generator(
         "generator", *flags, "--iterations", str(cfg.iterations), "--checkpoint-dir", str(out / "checkpoints"),
         "--out", str(out), "--listen", "127.0.0.1:0", "--seed", str(cfg.seed),
         "--threads", str(cfg.generator_threads), "--metrics-port", "0", "--metrics-port-file", str(metrics_file),
+        *(["--pipeline"] if pipeline else []),
     )  # fmt: skip
     with open(out / "generator.log", "wb") as lf:
         proc = subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env)
@@ -221,12 +231,12 @@ def _links(ports: Sequence[int], rtt_ms: float | None, bandwidth_mbit: float) ->
         yield [lk.port for lk in links]
 
 
-def _row(
-    rtt_ms: float | None, bandwidth_mbit: float, summary: dict[str, Any], split: dict[str, float]
-) -> dict[str, Any]:
+def _row(variant: Variant, bandwidth_mbit: float, summary: dict[str, Any], split: dict[str, float]) -> dict[str, Any]:
+    rtt_ms, pipeline = variant
     wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
     return {
         "link": "direct" if rtt_ms is None else "emulated",
+        "step": "pipelined" if pipeline else "batched",
         "rtt_ms": rtt_ms,
         "bandwidth_mbit": None if rtt_ms is None else bandwidth_mbit,
         "seconds_per_step": summary["seconds_per_step_steady"],
@@ -236,26 +246,27 @@ def _row(
 
 
 def _attempt(
-    cfg: DemoConfig, run_dir: Path, env: dict[str, str], procs: _Sites, rtt: float | None, bw: float, name: str
+    cfg: DemoConfig, run_dir: Path, env: dict[str, str], procs: _Sites, variant: Variant, bw: float, name: str
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One generator run over fresh links."""
-    with _links(procs.ports, rtt, bw) as ports:
-        return _generator(cfg, run_dir, env, procs, ports, name)
+    with _links(procs.ports, variant[0], bw) as ports:
+        return _generator(cfg, run_dir, env, procs, ports, name, variant[1])
 
 
 def _rounds(
-    cfg: DemoConfig, run_dir: Path, env: dict[str, str], rtts: Sequence[float | None], bandwidth: float, repeat: int
+    cfg: DemoConfig, run_dir: Path, env: dict[str, str], variants: Sequence[Variant], bandwidth: float, repeat: int
 ) -> list[list[dict[str, Any]]]:
-    """Per RTT (None: direct) its runs, in ``repeat`` interleaved rounds against the same site processes."""
-    runs: list[list[dict[str, Any]]] = [[] for _ in rtts]
+    """Per variant its runs, in ``repeat`` interleaved rounds against the same site processes."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in variants]
     procs = _Sites(cfg, run_dir, env)
     try:
         for k in range(repeat):
-            for rtt, done in zip(rtts, runs, strict=True):
-                name = f"{'direct' if rtt is None else f'rtt{rtt:g}'}-{k}"
+            for (rtt, pipe), done in zip(variants, runs, strict=True):
+                name = f"{'direct' if rtt is None else f'rtt{rtt:g}'}{'-pipelined' if pipe else ''}-{k}"
                 load = os.getloadavg()[0]
-                summary, split = _attempt(cfg, run_dir, env, procs, rtt, bandwidth, name)
-                done.append({**_row(rtt, bandwidth, summary, split), "load_1m": [load, os.getloadavg()[0]]})
+                summary, split = _attempt(cfg, run_dir, env, procs, (rtt, pipe), bandwidth, name)
+                row = _row((rtt, pipe), bandwidth, summary, split)
+                done.append({**row, "load_1m": [load, os.getloadavg()[0]]})
                 log.info("%d px, %s: %.3f s/step %s", cfg.size, name, done[-1]["seconds_per_step"], split)
     finally:
         procs.stop()
@@ -270,10 +281,12 @@ def bench_link(
     steps: int | None = None,
     batch: int = 8,
     repeat: int = 1,
+    pipeline_rtts_ms: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Steady seconds per generator step over emulated links at each RTT (``bandwidth_mbit`` per site and
-    direction), plus a direct row; ``ratio_to_rtt0`` is relative to the RTT-0 row through the proxy. With
-    ``repeat`` > 1, interleaved rounds and each row's fastest run (all in ``runs_s_per_step``)."""
+    direction), plus a direct row, with the default (batched) step and, at ``pipeline_rtts_ms``, the pipelined
+    one; ``ratio_to_rtt0`` is relative to the RTT-0 row of the same step through the proxy. With ``repeat`` > 1,
+    interleaved rounds and each row's fastest run (all in ``runs_s_per_step``)."""
     steps = steps or default_steps(size)
     cfg = DemoConfig(
         sites=sites, iterations=steps, size=size, batch_size=batch, subjects=0, privacy="none",
@@ -282,13 +295,14 @@ def bench_link(
     cfg.validate()
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY=OMP_WAIT_POLICY)
     with tempfile.TemporaryDirectory(prefix="link-bench-") as tmp:
-        runs = _rounds(cfg, Path(tmp), env, [None, *rtts_ms], bandwidth_mbit, max(repeat, 1))
+        variants = [(None, False), *((r, False) for r in rtts_ms), *((r, True) for r in pipeline_rtts_ms)]
+        runs = _rounds(cfg, Path(tmp), env, variants, bandwidth_mbit, max(repeat, 1))
     rows = []
     for r in runs:
         rows.append(dict(min(r, key=lambda x: x["seconds_per_step"])))
         rows[-1]["runs_s_per_step"] = [x["seconds_per_step"] for x in r]
-    base = next((r["seconds_per_step"] for r in rows if r["rtt_ms"] == 0), None)
     for row in rows:
+        base = next((r["seconds_per_step"] for r in rows if r["rtt_ms"] == 0 and r["step"] == row["step"]), None)
         row["ratio_to_rtt0"] = round(row["seconds_per_step"] / base, 3) if base else None
     return {
         "size": size,
@@ -310,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sizes", default="64", help="image sizes, comma-separated")
     p.add_argument("--rtts", default="0,20,100", help="added round-trip times in ms, comma-separated")
+    p.add_argument("--pipeline-rtts", default="", help="RTTs (ms) to run again with the generator's --pipeline")
     p.add_argument("--bandwidth", type=float, default=100.0, help="Mbit/s per site link and direction")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="steps per run (0: 30 at 64 px, 20 above)")
@@ -321,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for size in (int(s) for s in a.sizes.split(",") if s.strip()):
         t = time.perf_counter()
-        results.append(bench_link(size, _floats(a.rtts), a.bandwidth, a.sites, a.steps or None, a.batch_size, a.repeat))
+        rtts, pipelined = _floats(a.rtts), _floats(a.pipeline_rtts)
+        results.append(bench_link(size, rtts, a.bandwidth, a.sites, a.steps or None, a.batch_size, a.repeat, pipelined))
         log.info("%d px done in %.0f s", size, time.perf_counter() - t)
         for r in results[-1]["rows"]:
             log.info("  %s", json.dumps(r))

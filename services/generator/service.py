@@ -61,6 +61,7 @@ class GeneratorConfig:
     tls: TlsConfig | None = None
     allowed_clients: tuple[str, ...] = ()  # with tls: certificate names that may call the service (empty: any)
     max_grad_norm: float = 1e3  # a site gradient with a larger L2 norm is left out of the step
+    pipeline: bool = False  # per-site forward/backward overlapping the sites' round trips (GeneratorTrainer.step)
     device: str = "cpu"
     eval_samples: int = 64
     min_sites: int = 0  # sites needed to start training (0 = all); later sites join at the next step
@@ -173,6 +174,7 @@ class GeneratorService:
             image_size=min(height, width),
             device=self.cfg.device,
             max_grad_norm=self.cfg.max_grad_norm,
+            pipeline=self.cfg.pipeline,
         )
         if state is not None:
             gen.load_state_dict(state)
