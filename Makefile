@@ -83,6 +83,11 @@ eval: setup
 eval-codecs: setup
 	$(PY) -m asyndgan.experiments.codec_eval --out results
 
+# Modality completion: one site without t2, its segmenter with AsynDGAN's synthetic t2 -> results/completion.{json,md}
+.PHONY: eval-completion
+eval-completion: setup
+	$(PY) -m asyndgan.experiments.completion --out results
+
 # Privacy evaluation (guard vs none: attacks, membership, memorisation, utility, step time) -> results/privacy.{json,md}
 eval-privacy: setup
 	$(PY) -m asyndgan.experiments.privacy_eval --out results

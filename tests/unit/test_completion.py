@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from asyndgan.data import SiteData
+from asyndgan.experiments.completion import CONDITIONS, _conditions, _test_set, main
+
+
+def site(n: int = 5) -> SiteData:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (n, 2, 8, 8)).astype(np.float32)
+    return SiteData("s", rng.integers(0, 3, (n, 8, 8)).astype(np.uint8), images, ("t1", "t2"), 3)
+
+
+def test_conditions_keep_t1_and_swap_only_t2() -> None:
+    s = site()
+    synth = np.full((5, 1, 8, 8), 0.5, np.float32)
+    train = _conditions(s, synth)
+    assert list(train) == list(CONDITIONS)
+    for d in train.values():
+        assert d.modalities == ("t1", "t2") and np.array_equal(d.images[:, 0], s.images[:, 0])
+        assert np.array_equal(d.labels, s.labels)
+    assert not train["t1 only"].images[:, 1].any()
+    assert np.array_equal(train["t1 + synthetic t2"].images[:, 1:], synth)
+    assert np.array_equal(train["t1 + real t2"].images[:, 1], s.images[:, 1])
+    # the t1-only segmenter is tested without t2 too; the others on the real held-out pair
+    assert not _test_set(s, "t1 only").images[:, 1].any()
+    assert _test_set(s, "t1 + synthetic t2") is s
+
+
+def test_quick_run_writes_a_report(tmp_path: Path) -> None:
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "completion.json").read_text())
+    assert res["generator"]["modalities"] == ["t1", "t2"]  # G makes t2 though the first site has none
+    assert set(res["dice"]) == set(CONDITIONS)
+    assert res["gap"] == res["dice"]["t1 + real t2"]["mean"] - res["dice"]["t1 only"]["mean"]
+    md = (tmp_path / "completion.md").read_text()
+    assert "share of the Dice gap" in md and "t1 + synthetic t2" in md
