@@ -74,6 +74,14 @@ def _dice_table(s: dict[str, Any]) -> list[str]:
         per = " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in zip(c["per_class_mean"], c["per_class_std"], strict=True))
         extra = f" {pm(c['shifted'])} |" if shifted else ""
         lines.append(f"| ({key}) | {c['label']} | {c['train_images']} | **{pm(c)}** | {per} |{extra}")
+    small = s.get("classes", {}).get("small", [])
+    if small:
+        share = s["classes"]["small_share"]
+        lines += [
+            "",
+            f"Small classes (under {share:.0%} of the held-out foreground pixels): class "
+            f"{', '.join(map(str, small))}; their Dice is in the table but not in the mean Dice, nor in the targets.",
+        ]
     if shifted:
         lines += [
             "",

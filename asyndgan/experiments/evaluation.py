@@ -43,7 +43,10 @@ from asyndgan.experiments.generators import GeneratorRun, generator_task
 from asyndgan.experiments.image_metrics import image_similarity
 from asyndgan.experiments.memorisation import memorisation_audit
 from asyndgan.experiments.segmentation import (
+    SMALL_CLASS_SHARE,
+    class_shares,
     condition_entry,
+    main_classes,
     make_pool,
     ratio,
     run_segmenters,
@@ -103,14 +106,18 @@ def _targets(cond_json: dict[str, Any]) -> dict[str, Any]:
 
 
 def _curve(
-    g_async: GeneratorRun, by_key: dict[str, list[list[float]]], cond_json: dict[str, Any], final: int
+    g_async: GeneratorRun,
+    by_key: dict[str, list[list[float]]],
+    cond_json: dict[str, Any],
+    final: int,
+    main: Sequence[int],
 ) -> list[dict[str, Any]]:
     """(c)/(a) at every AsynDGAN G snapshot, against G's training seconds."""
     a = np.asarray([r["mean"] for r in cond_json["a"]["per_seed"]])
     curve = []
     for step, secs in zip(g_async.steps, g_async.seconds, strict=True):
         key = "c" if step == final else f"c@{step}"
-        cs = np.asarray([np.mean(r) for r in by_key[key]])
+        cs = np.asarray([np.mean(np.asarray(r)[list(main)]) for r in by_key[key]])
         r = np.asarray([ratio(x, y) for x, y in zip(cs, a, strict=True)])
         curve.append(
             {
@@ -208,8 +215,10 @@ def evaluate_setting(
         setting.name, conditions, opts.seeds, heldout, setting.seg, data.shifted, pool
     )
     seg_wall = time.perf_counter() - t1
+    shares = class_shares(heldout.labels, data.num_classes)
+    main = main_classes(shares)
     cond_json = {
-        key: condition_entry(label, len(train), by_key[key], opts.seeds, shifted_by_key.get(key))
+        key: condition_entry(label, len(train), by_key[key], opts.seeds, shifted_by_key.get(key), main)
         for key, (label, train) in conditions.items()
         if "@" not in key
     }
@@ -226,8 +235,13 @@ def evaluate_setting(
     entry: dict[str, Any] = {
         **_describe(setting, data, (g_async, g_central)),
         "conditions": cond_json,
+        "classes": {
+            "heldout_pixel_share": shares,
+            "small_share": SMALL_CLASS_SHARE,
+            "small": [i + 1 for i in range(len(shares)) if i not in main],
+        },
         "targets": _targets(cond_json),
-        "curve": _curve(g_async, by_key, cond_json, final),
+        "curve": _curve(g_async, by_key, cond_json, final, main),
         "similarity": similarity,
         "memorisation": memo,
         "wall_seconds": {

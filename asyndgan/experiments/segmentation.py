@@ -21,9 +21,12 @@ from asyndgan.experiments.generators import GeneratorRun
 from asyndgan.experiments.segmenter import SegConfig, evaluate_dice, train_segmenter
 
 __all__ = [
+    "SMALL_CLASS_SHARE",
     "Conditions",
     "SegTask",
+    "class_shares",
     "condition_entry",
+    "main_classes",
     "make_pool",
     "ratio",
     "run_segmenters",
@@ -148,19 +151,43 @@ def run_segmenters(
     return by_key, shifted_by_key
 
 
+SMALL_CLASS_SHARE = 0.02  # a foreground class under this share of the held-out foreground pixels is "small"
+
+
+def class_shares(labels: np.ndarray, num_classes: int) -> list[float]:
+    """Share of each foreground class (1..K-1) in the foreground pixels of ``labels``."""
+    counts = np.bincount(labels.ravel(), minlength=num_classes)[1:num_classes].astype(np.float64)
+    return list(map(float, counts / max(counts.sum(), 1.0)))
+
+
+def main_classes(shares: Sequence[float]) -> list[int]:
+    """Indices (into 1..K-1) of the classes that count in the mean Dice: all but the small ones (all if every
+    class is small)."""
+    main = [i for i, s in enumerate(shares) if s >= SMALL_CLASS_SHARE]
+    return main or list(range(len(shares)))
+
+
 def ratio(x: float, y: float) -> float:
     return float(x) / float(y) if y > 0 else 0.0
 
 
 def condition_entry(
-    label: str, n_train: int, per_seed: list[list[float]], seeds: Sequence[int], shifted: list[list[float]] | None
+    label: str,
+    n_train: int,
+    per_seed: list[list[float]],
+    seeds: Sequence[int],
+    shifted: list[list[float]] | None,
+    main: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """A condition's JSON entry: Dice per seed and class, mean and std over seeds (and on the shifted set)."""
+    """A condition's JSON entry: Dice per seed and class, mean and std over seeds (and on the shifted set).
+    Means are over the ``main`` classes (indices into 1..K-1; None: all); the small classes are reported apart."""
     arr = np.asarray(per_seed, dtype=np.float64)  # (seeds, classes)
-    means = arr.mean(1)
-    extra: dict[str, Any] = {}
+    main = range(arr.shape[1]) if main is None else main
+    means = arr[:, list(main)].mean(1)
+    small = [i for i in range(arr.shape[1]) if i not in main]
+    extra: dict[str, Any] = {"small_classes": {str(i + 1): float(arr[:, i].mean()) for i in small}}
     if shifted is not None:
-        sm = np.asarray(shifted, dtype=np.float64).mean(1)
+        sm = np.asarray(shifted, dtype=np.float64)[:, list(main)].mean(1)
         extra["shifted"] = {
             "per_seed_mean": list(map(float, sm)),
             "mean": float(sm.mean()),
