@@ -103,7 +103,7 @@ def _segment(cfg: CompletionConfig, train: dict[str, SiteData], heldout: SiteDat
     for name, data in train.items():
         per_seed = []
         for seed in cfg.seeds:
-            model = train_segmenter(data, [0, 1], cfg.seg, seed)
+            model, _fit = train_segmenter(data, [0, 1], cfg.seg, seed)
             per_seed.append(evaluate_dice(model, _test_set(heldout, name), [0, 1]).tolist())
             log.info("%s, seed %d: Dice %s", name, seed, np.round(per_seed[-1], 4).tolist())
         out[name] = {"per_class_per_seed": per_seed, "mean": float(np.mean(per_seed))}

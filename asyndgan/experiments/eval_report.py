@@ -61,19 +61,39 @@ def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _converged(c: dict[str, Any]) -> str:
+    """'k/n seeds (steps lo-hi)' from a condition's training record; '-' without one."""
+    t = c.get("training")
+    if t is None:
+        return "-"
+    seeds = t["per_seed"]
+    steps = [p["steps"] for p in seeds]
+    k = sum(p["converged"] for p in seeds)
+    span = f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}–{max(steps)}"
+    return f"{'yes' if k == len(seeds) else 'NO'}: {k}/{len(seeds)} ({span} steps)"
+
+
 def _dice_table(s: dict[str, Any]) -> list[str]:
     data = s["data"]
     classes = [f"class {k}" for k in range(1, data["num_classes"])]
     shifted = data.get("shifted_slices", 0) > 0
     extra_head, extra_rule = (" mean Dice, unseen scanner |", "---:|") if shifted else ("", "")
     lines = [
-        f"| | training data | images | mean Dice | {' | '.join(classes)} |{extra_head}",
-        f"|---|---|---:|---:|{'---:|' * len(classes)}{extra_rule}",
+        f"| | training data | images | segmenter converged | mean Dice | {' | '.join(classes)} |{extra_head}",
+        f"|---|---|---:|---|---:|{'---:|' * len(classes)}{extra_rule}",
     ]
     for key, c in s["conditions"].items():
         per = " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in zip(c["per_class_mean"], c["per_class_std"], strict=True))
         extra = f" {pm(c['shifted'])} |" if shifted else ""
-        lines.append(f"| ({key}) | {c['label']} | {c['train_images']} | **{pm(c)}** | {per} |{extra}")
+        conv = _converged(c)
+        lines.append(f"| ({key}) | {c['label']} | {c['train_images']} | {conv} | **{pm(c)}** | {per} |{extra}")
+    a_train = s["conditions"].get("a", {}).get("training")
+    if a_train is not None and not a_train["converged"]:
+        lines += [
+            "",
+            "**(a) did not converge**: its validation Dice was still rising when the segmenter's step budget ran "
+            "out, so every ratio to (a) is a ratio to a weak reference. Raise `--seg-steps` (docs/evaluation.md).",
+        ]
     small = s.get("classes", {}).get("small", [])
     if small:
         share = s["classes"]["small_share"]
@@ -102,6 +122,10 @@ def _targets_table(t: dict[str, Any]) -> list[str]:
         f"| (c) > every (b) | (c) = {t['c_gt_every_b']['c']:.4f}, best (b) = {t['c_gt_every_b']['best_b']:.4f} | "
         f"{'yes' if t['c_gt_every_b']['met'] else '**no**'} |"
     )
+    if "a_converged" in t:
+        lines.append(
+            f"| (a) converged | every seed's validation Dice flat | {'yes' if t['a_converged']['met'] else '**no**'} |"
+        )
     if "e_ge_a" in t:
         e = ", ".join(f"({k}) {v:.4f}" for k, v in t["e_ge_a"]["e"].items())
         lines.append(

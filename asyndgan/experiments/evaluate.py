@@ -86,6 +86,7 @@ def _custom_setting(a: argparse.Namespace) -> Setting:
         shifted_specs=tuple(a.shifted or ()),
         holdout_fraction=a.holdout_fraction,
         holdout_gap=a.holdout_gap,
+        seg_from_task=True,
     )
     if not a.quick:
         return base
@@ -98,6 +99,7 @@ def _custom_setting(a: argparse.Namespace) -> Setting:
         ndf=q.ndf,
         curve_points=q.curve_points,
         seg=q.seg,
+        seg_from_task=False,
     )
 
 
@@ -110,8 +112,9 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     over: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     seg_given = {"steps": a.seg_steps, "batch_size": a.seg_batch, "base": a.seg_base}
     seg_over = {k: v for k, v in seg_given.items() if v is not None}
-    if seg_over:
+    if seg_over:  # the user's segmenter, not one sized from the task
         over["seg"] = dataclasses.replace(s.seg, **seg_over)
+        over["seg_from_task"] = False
     s = dataclasses.replace(s, **over)
     s.validate()
     return s

@@ -52,6 +52,7 @@ from asyndgan.experiments.segmentation import (
     run_segmenters,
     training_conditions,
 )
+from asyndgan.experiments.segmenter import SegConfig
 from asyndgan.experiments.settings import EvalOptions, Setting
 from asyndgan.io import write_bytes_atomic, write_json_atomic
 
@@ -94,6 +95,12 @@ def _targets(cond_json: dict[str, Any]) -> dict[str, Any]:
             "met": bool(all(c_mean > v for v in b_means.values())),
         },
     }
+    a_training = cond_json["a"].get("training")
+    if a_training is not None:
+        targets["a_converged"] = {
+            "target": "(a) converged (validation Dice flat within the segmenter's budget, every seed)",
+            "met": bool(a_training["converged"]),
+        }
     if e_means:
         targets["e_ge_a"] = {
             "target": "(e) >= (a), each choice of the real site",
@@ -188,6 +195,20 @@ def _log_setting(setting: Setting, data: LoadedSetting) -> None:
     )
 
 
+def _sized(setting: Setting, data: LoadedSetting) -> Setting:
+    """``setting``, its segmenter sized from the loaded data when it asks for that (custom sites)."""
+    if not setting.seg_from_task:
+        return setting
+    size = max(data.heldout.labels.shape[1:])
+    seg = SegConfig.for_task(data.num_classes, size, sum(len(s) for s in data.sites))
+    log.info("%s: segmenter sized from the task: %s", setting.name, seg)
+    return dataclasses.replace(setting, seg=seg)
+
+
+def _small(shares: Sequence[float], main: Sequence[int]) -> list[int]:
+    return [i + 1 for i in range(len(shares)) if i not in main]
+
+
 def evaluate_setting(
     setting: Setting, opts: EvalOptions, pool: cf.Executor | None, progress: EvalProgress | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -198,6 +219,7 @@ def evaluate_setting(
     phase(f"{setting.name}: data")
     data = load_setting(setting)
     sites, heldout = data.sites, data.heldout
+    setting = _sized(setting, data)
     _log_setting(setting, data)
     if progress is not None:
         progress.data_loaded(setting, sum(len(s) for s in sites), len(heldout), heldout.labels[0].size)
@@ -211,21 +233,18 @@ def evaluate_setting(
     conditions = training_conditions(sites, syn_async, syn_central, g_async, final, opts.augment)
     t1 = time.perf_counter()
     phase(f"{setting.name}: segmenters")
-    by_key, shifted_by_key = run_segmenters(
+    by_key, shifted_by_key, fits = run_segmenters(
         setting.name, conditions, opts.seeds, heldout, setting.seg, data.shifted, pool
     )
     seg_wall = time.perf_counter() - t1
     shares = class_shares(heldout.labels, data.num_classes)
     main = main_classes(shares)
     cond_json = {
-        key: condition_entry(label, len(train), by_key[key], opts.seeds, shifted_by_key.get(key), main)
+        key: condition_entry(label, len(train), by_key[key], opts.seeds, shifted_by_key.get(key), main, fits[key])
         for key, (label, train) in conditions.items()
         if "@" not in key
     }
-    similarity = {
-        "asyndgan": image_similarity(g_async.synth_heldout, heldout.images),
-        "centralised": image_similarity(g_central.synth_heldout, heldout.images),
-    }
+    classes = {"heldout_pixel_share": shares, "small_share": SMALL_CLASS_SHARE, "small": _small(shares, main)}
     t2 = time.perf_counter()
     phase(f"{setting.name}: memorisation audit")
     memo = _audits((g_async, g_central), conditions["a"][1].images, heldout.images, final, opts, pool)
@@ -235,14 +254,10 @@ def evaluate_setting(
     entry: dict[str, Any] = {
         **_describe(setting, data, (g_async, g_central)),
         "conditions": cond_json,
-        "classes": {
-            "heldout_pixel_share": shares,
-            "small_share": SMALL_CLASS_SHARE,
-            "small": [i + 1 for i in range(len(shares)) if i not in main],
-        },
+        "classes": classes,
         "targets": _targets(cond_json),
         "curve": _curve(g_async, by_key, cond_json, final, main),
-        "similarity": similarity,
+        "similarity": {g.kind: image_similarity(g.synth_heldout, heldout.images) for g in (g_async, g_central)},
         "memorisation": memo,
         "wall_seconds": {
             "generators": round(gen_wall, 1),

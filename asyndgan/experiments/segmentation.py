@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import multiprocessing as mp
 import time
@@ -73,24 +74,30 @@ def make_pool(jobs: int, threads: int, progress: Any = None) -> cf.Executor | No
     )
 
 
-def seg_task(task: SegTask) -> tuple[list[float], list[float] | None]:
-    """Train one segmenter; its Dice per class on the held-out set (and on the shifted set, if any)."""
+SegResult = tuple[list[float], list[float] | None, dict[str, Any]]
+
+
+def seg_task(task: SegTask) -> SegResult:
+    """Train one segmenter; its Dice per class on the held-out set (and on the shifted set, if any) and how its
+    training ended (:class:`SegFit` as a dict)."""
     t = time.perf_counter()
     channels = list(range(len(task.train.modalities)))
-    model = train_segmenter(task.train, channels, task.cfg, task.seed)
+    model, fit = train_segmenter(task.train, channels, task.cfg, task.seed)
     dice = [float(d) for d in evaluate_dice(model, task.heldout, channels)]
     shifted = [float(d) for d in evaluate_dice(model, task.shifted, channels)] if task.shifted is not None else None
     log.info(
-        "%s %s seed %d: Dice %s%s (%.1f s)",
+        "%s %s seed %d: Dice %s%s (%d steps, %s, %.1f s)",
         task.setting,
         task.condition,
         task.seed,
         " ".join(f"{d:.3f}" for d in dice),
         f"; shifted {np.mean(shifted):.3f}" if shifted is not None else "",
+        fit.steps,
+        "converged" if fit.converged else "NOT converged",
         time.perf_counter() - t,
     )
     eval_progress.advance(task.cfg.steps)
-    return dice, shifted
+    return dice, shifted, dataclasses.asdict(fit)
 
 
 def training_conditions(
@@ -133,9 +140,9 @@ def run_segmenters(
     cfg: SegConfig,
     shifted: SiteData | None,
     pool: cf.Executor | None,
-) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]], dict[str, list[dict[str, Any]]]]:
     """One segmenter per condition and seed: per condition, Dice per class per seed on the held-out set and on
-    the shifted set (snapshot conditions "c@k" are not scored on the shifted set)."""
+    the shifted set (snapshot conditions "c@k" are not scored on the shifted set), and each training's end."""
     tasks = [
         SegTask(setting, key, seed, train, heldout, cfg, None if "@" in key else shifted)
         for key, (_label, train) in conditions.items()
@@ -144,11 +151,13 @@ def run_segmenters(
     results = list(pool.map(seg_task, tasks)) if pool is not None else [seg_task(t) for t in tasks]
     by_key: dict[str, list[list[float]]] = {}
     shifted_by_key: dict[str, list[list[float]]] = {}
-    for task, (res, sh) in zip(tasks, results, strict=True):
+    fits: dict[str, list[dict[str, Any]]] = {}
+    for task, (res, sh, fit) in zip(tasks, results, strict=True):
         by_key.setdefault(task.condition, []).append(res)
+        fits.setdefault(task.condition, []).append(fit)
         if sh is not None:
             shifted_by_key.setdefault(task.condition, []).append(sh)
-    return by_key, shifted_by_key
+    return by_key, shifted_by_key, fits
 
 
 SMALL_CLASS_SHARE = 0.02  # a foreground class under this share of the held-out foreground pixels is "small"
@@ -178,6 +187,7 @@ def condition_entry(
     seeds: Sequence[int],
     shifted: list[list[float]] | None,
     main: Sequence[int] | None = None,
+    fits: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """A condition's JSON entry: Dice per seed and class, mean and std over seeds (and on the shifted set).
     Means are over the ``main`` classes (indices into 1..K-1; None: all); the small classes are reported apart."""
@@ -186,6 +196,11 @@ def condition_entry(
     means = arr[:, list(main)].mean(1)
     small = [i for i in range(arr.shape[1]) if i not in main]
     extra: dict[str, Any] = {"small_classes": {str(i + 1): float(arr[:, i].mean()) for i in small}}
+    if fits:
+        extra["training"] = {
+            "converged": all(f["converged"] for f in fits),
+            "per_seed": [{k: f[k] for k in ("steps", "converged", "stopped_early", "best_val")} for f in fits],
+        }
     if shifted is not None:
         sm = np.asarray(shifted, dtype=np.float64)[:, list(main)].mean(1)
         extra["shifted"] = {

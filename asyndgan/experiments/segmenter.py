@@ -4,12 +4,17 @@ The segmenter is the measuring instrument of the paper's claim: the same network
 seeded schedule on different training sets (real, synthetic, mixed), is scored on held-out *real* slices.
 Training draws batches with :class:`asyndgan.algorithm.BatchSampler` (seeded; flip and shift applied to
 label map and image together), loss = cross-entropy + ``dice_weight`` x soft Dice over the foreground classes.
+Stop rule: every ``val_every`` steps the mean Dice on a validation part of its own training set (every k-th
+slice, not trained on) is measured; training stops once ``patience`` checks in a row gained less than ``tol``
+over the best so far, or at ``steps``; the best-validated weights are kept. :class:`SegFit` says which.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,12 +26,14 @@ from asyndgan.data import SiteData
 
 __all__ = [
     "SegConfig",
+    "SegFit",
     "SegUNet",
     "class_weights",
     "dice_per_class",
     "evaluate_dice",
     "predict",
     "soft_dice_loss",
+    "split_validation",
     "train_segmenter",
 ]
 
@@ -46,14 +53,27 @@ class SegConfig:
     crop: int = 0  # train on random crop x crop patches (0 = whole slices); evaluation always uses whole slices
     norm: str = "batch"  # "batch", "group" (GroupNorm, 4 channels per group) or "instance"
     class_weighting: bool = True  # cross-entropy weights 1/sqrt(class frequency in the training set), mean 1
+    val_every: int = 50  # validation Dice every this many steps (0: no validation, train ``steps`` steps)
+    val_fraction: float = 0.1  # share of the training slices held back for validation (at least one)
+    patience: int = 3  # stop after this many checks in a row without a gain of ``tol``
+    tol: float = 0.002  # mean validation Dice
 
     def validate(self) -> None:
         if self.base < 1 or self.depth < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("segmenter base, depth, steps and batch_size must be >= 1")
+        if self.val_every < 0 or not 0 < self.val_fraction < 0.5 or self.patience < 1 or self.tol < 0:
+            raise ValueError("segmenter val_every >= 0, val_fraction in (0, 0.5), patience >= 1, tol >= 0")
         if not self.lr > 0 or self.dice_weight < 0 or self.max_shift < 0 or self.crop < 0:
             raise ValueError("segmenter lr must be > 0, dice_weight, max_shift and crop >= 0")
         if self.norm not in _NORMS:
             raise ValueError(f"unknown segmenter norm {self.norm!r}; choose one of {sorted(_NORMS)}")
+
+    @staticmethod
+    def for_task(num_classes: int, size: int, images: int) -> SegConfig:
+        """Sized from the task: one more level above 64 px, twice the width above 4 classes, and room for 40
+        epochs (600 to 3000 steps at batch 8); the stop rule ends it earlier once validation Dice is flat."""
+        steps = min(3000, max(600, math.ceil(40 * images / 8)))
+        return SegConfig(base=8 if num_classes <= 4 else 16, depth=3 if size <= 64 else 4, steps=steps)
 
 
 _NORMS: dict[str, Callable[[int], nn.Module]] = {
@@ -130,33 +150,69 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.from_numpy(w / w.mean()).float()
 
 
-def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, seed: int) -> SegUNet:
-    """Train a fresh :class:`SegUNet` on ``data`` (image channels ``channels``) for ``cfg.steps`` Adam steps.
+@dataclass
+class SegFit:
+    """How a segmenter's training ended: steps taken, whether its validation Dice had levelled off (the stop rule
+    fired, or its last ``patience`` checks gained less than ``tol``), the best validation Dice and the curve."""
+
+    steps: int = 0
+    converged: bool = False
+    stopped_early: bool = False
+    best_val: float = math.nan
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def split_validation(data: SiteData, fraction: float) -> tuple[SiteData, SiteData | None]:
+    """(training part, validation part): every k-th slice (k = round(1 / fraction)) is held back; None for a
+    set of fewer than 4 slices."""
+    if len(data) < 4:
+        return data, None
+    k = max(2, round(1 / fraction))
+    val = np.zeros(len(data), bool)
+    val[k // 2 :: k] = True
+
+    def part(mask: np.ndarray, tag: str) -> SiteData:
+        images = np.ascontiguousarray(data.images[mask])
+        return SiteData(f"{data.name}-{tag}", data.labels[mask], images, data.modalities, data.num_classes)
+
+    return part(~val, "train"), part(val, "val")
+
+
+def _crop(x: torch.Tensor, y: torch.Tensor, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``crop`` x ``crop`` patches (per sample) of images ``x`` and labels ``y``."""
+    h, w = y.shape[1:]
+    if not crop or (crop >= h and crop >= w):
+        return x, y
+    ch, cw = min(crop, h), min(crop, w)
+    oy, ox = rng.integers(0, h - ch + 1, size=len(y)), rng.integers(0, w - cw + 1, size=len(y))
+    at = list(zip(oy, ox, strict=True))
+    return (
+        torch.stack([x[i, :, a : a + ch, b : b + cw] for i, (a, b) in enumerate(at)]),
+        torch.stack([y[i, a : a + ch, b : b + cw] for i, (a, b) in enumerate(at)]),
+    )
+
+
+def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, seed: int) -> tuple[SegUNet, SegFit]:
+    """Train a fresh :class:`SegUNet` on ``data`` (image channels ``channels``) with Adam, up to ``cfg.steps``
+    steps under the stop rule (module docstring); with ``cfg.val_every`` 0 on all of ``data`` for ``cfg.steps``.
 
     Seeded: the same (data, channels, cfg, seed) gives the same network (on one thread count).
     """
     cfg.validate()
+    train, val = split_validation(data, cfg.val_fraction) if cfg.val_every else (data, None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SegUNet(len(channels), data.num_classes, cfg.base, cfg.depth, cfg.norm)
-    sampler = BatchSampler(data, cfg.batch_size, seed, flip=cfg.flip, max_shift=cfg.max_shift)
-    weight = class_weights(data.labels, data.num_classes) if cfg.class_weighting else None
+    sampler = BatchSampler(train, cfg.batch_size, seed, flip=cfg.flip, max_shift=cfg.max_shift)
+    weight = class_weights(train.labels, data.num_classes) if cfg.class_weighting else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
-    chan = list(channels)
-    crop_rng = np.random.Generator(np.random.PCG64(seed + 1))
-    h, w = data.labels.shape[1:]
+    chan, crop_rng = list(channels), np.random.Generator(np.random.PCG64(seed + 1))
+    fit, best_state, ref, flat = SegFit(), None, -math.inf, 0
     model.train()
-    for _ in range(cfg.steps):
+    for step in range(1, cfg.steps + 1):
         batch = sampler.next()
-        x = batch.real[:, chan]
-        y = batch.labels.long()
-        if cfg.crop and (cfg.crop < h or cfg.crop < w):
-            ch, cw = min(cfg.crop, h), min(cfg.crop, w)
-            oy = crop_rng.integers(0, h - ch + 1, size=len(y))
-            ox = crop_rng.integers(0, w - cw + 1, size=len(y))
-            x = torch.stack([x[i, :, a : a + ch, b : b + cw] for i, (a, b) in enumerate(zip(oy, ox, strict=True))])
-            y = torch.stack([y[i, a : a + ch, b : b + cw] for i, (a, b) in enumerate(zip(oy, ox, strict=True))])
+        x, y = _crop(batch.real[:, chan], batch.labels.long(), cfg.crop, crop_rng)
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=weight)
         if cfg.dice_weight:
@@ -165,8 +221,22 @@ def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, see
         loss.backward()
         opt.step()
         sched.step()
+        fit.steps = step
+        if val is None or (step % cfg.val_every and step != cfg.steps):
+            continue
+        score = float(evaluate_dice(model, val, chan).mean())
+        model.train()
+        fit.curve.append((step, score))
+        if not score <= fit.best_val:  # first check, or a better one: keep these weights
+            fit.best_val, best_state = score, copy.deepcopy(model.state_dict())
+        ref, flat = (score, 0) if score > ref + cfg.tol else (ref, flat + 1)
+        if flat >= cfg.patience:
+            fit.converged, fit.stopped_early = True, step < cfg.steps
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return model
+    return model, fit
 
 
 @torch.no_grad()

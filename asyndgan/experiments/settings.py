@@ -29,6 +29,7 @@ class Setting:
     generator: str = "auto"
     curve_points: int = 4
     seg: SegConfig = field(default_factory=SegConfig)
+    seg_from_task: bool = False  # replace ``seg`` by SegConfig.for_task(the loaded data) (custom sites)
     holdout_fraction: float = 0.15
     holdout_gap: int = 4
     shifted_specs: tuple[str, ...] = ()  # optional second test set from a domain no site has (Dice only)

@@ -42,7 +42,10 @@ def test_quick_evaluation_writes_report(tmp_path: Path) -> None:
         # held-out = the held-out block imaged by each of the 3 sites' scanners; shifted = the reference scanner's
         assert s["data"]["heldout_slices"] == 3 * s["data"]["shifted_slices"] > 0
         assert all(0.0 <= c["shifted"]["mean"] <= 1.0 for c in s["conditions"].values())
-        assert {"c_over_a", "c_gt_every_b", "e_ge_a"} <= set(s["targets"])
+        assert {"c_over_a", "c_gt_every_b", "e_ge_a", "a_converged"} <= set(s["targets"])
+        for c in s["conditions"].values():  # every segmenter says how its training ended
+            assert len(c["training"]["per_seed"]) == len(c["per_seed"])
+            assert c["training"]["converged"] == all(p["converged"] for p in c["training"]["per_seed"])
         assert all(isinstance(t["met"], bool) for t in s["targets"].values())
         assert [p["step"] for p in s["curve"]] == [2, 4]
         assert s["curve"][-1]["c_mean"] == pytest.approx(s["conditions"]["c"]["mean"])
@@ -65,6 +68,7 @@ def test_quick_evaluation_writes_report(tmp_path: Path) -> None:
             )
     md = (tmp_path / "eval.md").read_text()
     assert "(c) >= 0.98 x (a)" in md and "Memorisation" in md and "unseen scanner" in md
+    assert "segmenter converged" in md and "(a) did not converge" in md  # quick: 30 steps, never flat
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

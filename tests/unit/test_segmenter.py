@@ -1,0 +1,52 @@
+"""The segmenter's stop rule: validation split, plateau, converged or not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from asyndgan.experiments.segmenter import SegConfig, split_validation, train_segmenter
+from tests.conftest import make_site
+
+CFG = SegConfig(base=4, depth=2, steps=400, batch_size=4, val_every=10, patience=2, tol=0.01)
+
+
+def test_validation_split_is_disjoint_and_covers_the_set() -> None:
+    data = make_site("s", n=20, size=16)
+    train, val = split_validation(data, 0.1)
+    assert val is not None and len(train) + len(val) == 20 and len(val) == 2
+    rows = {r.tobytes() for r in data.images}
+    assert {r.tobytes() for r in train.images} | {r.tobytes() for r in val.images} == rows
+    assert not {r.tobytes() for r in train.images} & {r.tobytes() for r in val.images}
+    assert split_validation(make_site("t", n=3, size=16), 0.1)[1] is None  # too few to hold any back
+
+
+def test_stops_once_validation_dice_is_flat(one_thread: None) -> None:
+    data = make_site("s", n=24, size=16)
+    _, fit = train_segmenter(data, [0], CFG, seed=0)
+    assert fit.converged and fit.stopped_early and fit.steps < CFG.steps
+    scores = [d for _, d in fit.curve]
+    assert fit.best_val == max(scores)
+    # the last `patience` checks gained less than tol over the level reached before them
+    assert max(scores[-CFG.patience :]) <= max(scores[: -CFG.patience]) + CFG.tol
+    assert [s for s, _ in fit.curve] == list(range(10, fit.steps + 1, 10))
+
+
+def test_budget_out_before_the_plateau_is_not_converged(one_thread: None) -> None:
+    data = make_site("s", n=24, size=16)
+    _, fit = train_segmenter(data, [0], dataclasses.replace(CFG, steps=30, patience=50), seed=0)
+    assert not fit.converged and not fit.stopped_early and fit.steps == 30 and len(fit.curve) == 3
+    _, fixed = train_segmenter(data, [0], dataclasses.replace(CFG, steps=30, val_every=0), seed=0)
+    assert fixed.steps == 30 and fixed.curve == [] and not fixed.converged and np.isnan(fixed.best_val)
+
+
+@pytest.mark.parametrize(
+    ("classes", "size", "images", "expected"),
+    [(4, 64, 225, (8, 3, 1125)), (7, 96, 120, (16, 4, 600)), (4, 128, 2000, (8, 4, 3000))],
+)
+def test_segmenter_sized_from_the_task(classes: int, size: int, images: int, expected: tuple[int, int, int]) -> None:
+    cfg = SegConfig.for_task(classes, size, images)
+    assert (cfg.base, cfg.depth, cfg.steps) == expected
+    cfg.validate()
