@@ -155,17 +155,18 @@ def run_steps(
     gen: GeneratorTrainer,
     sites: InProcessSites,
     steps: int,
-    on_step: Callable[[int, float, StepOutcome], None] | None = None,
+    on_step: Callable[[int, float, StepOutcome], bool | None] | None = None,
 ) -> list[float]:
-    """The in-process training loop (train-local and the evaluation): ``steps`` generator steps; after each,
-    ``on_step(step, seconds_of_that_step, outcome)``. Returns the seconds of each step (callbacks excluded)."""
+    """The in-process training loop (train-local and the evaluation): up to ``steps`` generator steps; after each,
+    ``on_step(step, seconds_of_that_step, outcome)``, which ends the loop by returning True. Returns the seconds
+    of each step (callbacks excluded)."""
     seconds: list[float] = []
     for it in range(1, steps + 1):
         t = time.perf_counter()
         outcome = gen.step(sites.labels(), sites.sizes, sites)
         seconds.append(time.perf_counter() - t)
-        if on_step is not None:
-            on_step(it, seconds[-1], outcome)
+        if on_step is not None and on_step(it, seconds[-1], outcome):
+            break
     return seconds
 
 

@@ -38,6 +38,17 @@ def _head(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _g_end(gens: dict[str, Any]) -> str:
+    """How each generator's training ended: 'AsynDGAN: 450 steps, converged (plateau); ...'."""
+    parts = []
+    for kind, g in gens.items():
+        if "stopped_by" not in g:
+            continue
+        state = "converged" if g["converged"] else "**NOT converged**"
+        parts.append(f"{kind}: {g['steps']} steps, {state} ({g['stopped_by']})")
+    return "; ".join(parts) or "no stop rule"
+
+
 def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
     cfg, data, gens = s["config"], s["data"], s["generators"]
     seg = cfg["segmenter"]
@@ -48,13 +59,16 @@ def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
         f"Sites: {site_list}; held-out: "
         f"{data['heldout_slices']} real slices ({_heldout_note(cfg)}); "
         f"{'x'.join(map(str, data['slice_size']))} px; modalities {', '.join(data['modalities'])}.",
-        f"G: {cfg['generator']} ngf={cfg['ngf']}, D ndf={cfg['ndf']}, {cfg['gen_steps']} steps, batch "
-        f"{cfg['gen_batch']} per site (centralised: {cfg['centralised_batch']}); wire codecs: fakes "
+        f"G: {cfg['generator']} ngf={cfg['ngf']}, D ndf={cfg['ndf']}, up to {cfg['gen_steps']} steps "
+        f"({_g_end(gens)}), batch {cfg['gen_batch']} per site (centralised: {cfg['centralised_batch']}); wire "
+        "codecs: fakes "
         f"{cfg.get('codec', 'f32')}, gradients {cfg.get('grad_codec') or cfg.get('codec', 'f32')}; AsynDGAN G trained "
         f"{gens['asyndgan']['seconds']:.0f} s, centralised "
         f"{gens['centralised']['seconds']:.0f} s ({gens['asyndgan']['torch_threads']} "
         "thread(s) each).",
-        f"Segmenter: U-Net base {seg['base']}, depth {seg['depth']}, {seg['steps']} Adam steps, batch "
+        f"Segmenter: U-Net base {seg['base']}, depth {seg['depth']}, up to {seg['steps']} Adam steps (stop rule: "
+        f"validation Dice checked every {seg.get('val_every', 0)} steps, patience {seg.get('patience')}, tol "
+        f"{seg.get('tol')}), batch "
         f"{seg['batch_size']}, lr {seg['lr']}, CE + {seg['dice_weight']} x soft Dice. Wall time: "
         f"{s['wall_seconds']['total']:.0f} s.",
         "",

@@ -143,12 +143,11 @@ def _audits(
     gens: Sequence[GeneratorRun],
     train_real: np.ndarray,
     heldout_real: np.ndarray,
-    final: int,
     opts: EvalOptions,
     pool: cf.Executor | None,
 ) -> dict[str, Any]:
     """The memorisation audit of every generator (in the workers when there are some)."""
-    args = {g.kind: (train_real, heldout_real, g.synth_heldout, g.synth_train[final], opts.audit_limit) for g in gens}
+    args = {g.kind: (train_real, heldout_real, g.synth_heldout, g.synth_train[g.final], opts.audit_limit) for g in gens}
     if pool is not None:
         futures = {k: pool.submit(memorisation_audit, *v) for k, v in args.items()}
         return {k: f.result() for k, f in futures.items()}
@@ -178,7 +177,8 @@ def _describe(setting: Setting, data: LoadedSetting, gens: Sequence[GeneratorRun
             "modalities": list(data.modalities),
         },
         "generators": {
-            g.kind: {"steps": setting.gen_steps, "seconds": g.seconds[-1], "torch_threads": g.threads} for g in gens
+            g.kind: {"seconds": g.seconds[-1], "torch_threads": g.threads, "max_steps": setting.gen_steps, **g.training}
+            for g in gens
         },
     }
 
@@ -227,9 +227,9 @@ def evaluate_setting(
     g_async, g_central = _train_generators(setting, opts, pool, data, np.concatenate([s.labels for s in sites]))
     gen_wall = time.perf_counter() - t0
 
-    final = setting.gen_steps
+    final = g_async.final
     syn_async = synthetic_sites(sites, g_async.synth_train[final], "asyndgan")
-    syn_central = synthetic_sites(sites, g_central.synth_train[final], "centralised")
+    syn_central = synthetic_sites(sites, g_central.synth_train[g_central.final], "centralised")
     conditions = training_conditions(sites, syn_async, syn_central, g_async, final, opts.augment)
     t1 = time.perf_counter()
     phase(f"{setting.name}: segmenters")
@@ -247,7 +247,7 @@ def evaluate_setting(
     classes = {"heldout_pixel_share": shares, "small_share": SMALL_CLASS_SHARE, "small": _small(shares, main)}
     t2 = time.perf_counter()
     phase(f"{setting.name}: memorisation audit")
-    memo = _audits((g_async, g_central), conditions["a"][1].images, heldout.images, final, opts, pool)
+    memo = _audits((g_async, g_central), conditions["a"][1].images, heldout.images, opts, pool)
     audit_wall = time.perf_counter() - t2
     if progress is not None:
         progress.audits_done(setting)

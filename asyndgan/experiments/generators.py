@@ -5,8 +5,10 @@ few steps. A run hands back synthetic images, never model weights."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
 from asyndgan.codec import LOSSLESS, Codec
 from asyndgan.data import SiteData
 from asyndgan.experiments import eval_progress
+from asyndgan.experiments.convergence import GStopRule
 from asyndgan.experiments.datasets import pool_sites
 from asyndgan.experiments.settings import Setting
 from asyndgan.local import InProcessSites, LocalRun, build_trainers, run_steps
@@ -34,25 +37,30 @@ def train_generator(
     on_snapshot: Callable[[int, float, GeneratorTrainer], None],
     image_codec: Codec = LOSSLESS,
     grad_codec: Codec = LOSSLESS,
+    stop: GStopRule | None = None,
 ) -> GeneratorTrainer:
     """:func:`asyndgan.local.train_local`'s loop (same trainers, seeds and batch order, so G after k steps equals
     ``train_local(iterations=k)`` bit for bit), calling ``on_snapshot(step, train_seconds, gen)`` after each step
-    listed in ``snapshots``. ``train_seconds`` excludes time spent inside the callbacks. Lossy codecs round
-    fakes and gradients as the wire would."""
+    listed in ``snapshots`` and after the step where ``stop`` ends training early. ``train_seconds`` excludes
+    time spent inside the callbacks. Lossy codecs round fakes and gradients as the wire would."""
     site_trainers, gen = build_trainers(sites, net, train, run)
     wanted = set(snapshots)
     seconds = 0.0
 
-    def on_step(it: int, step_seconds: float, outcome: StepOutcome) -> None:
+    def on_step(it: int, step_seconds: float, outcome: StepOutcome) -> bool:
         nonlocal seconds
         seconds += step_seconds
         eval_progress.advance(eval_progress.GEN_STEP_UNITS)
-        if it % 50 == 0 or it == run.iterations:
+        done = stop is not None and stop.observe(it, seconds, outcome)
+        if it % 50 == 0 or it == run.iterations or done:
             log.info(
-                "G %s step %d/%d loss %.3f (%.1f s)", sites[0].name, it, run.iterations, outcome.generator_loss, seconds
+                "G %s step %d/%d loss %.3f (%.1f s)%s",
+                *(sites[0].name, it, run.iterations, outcome.generator_loss, seconds),
+                f", stops: {stop.reason}" if done and stop is not None else "",
             )
-        if it in wanted:
+        if it in wanted or done:
             on_snapshot(it, seconds, gen)
+        return done
 
     exchange = InProcessSites(site_trainers, gen.modalities, image_codec, grad_codec)
     run_steps(gen, exchange, run.iterations, on_step)
@@ -78,6 +86,12 @@ class GeneratorRun:
     synth_train: dict[int, np.ndarray]  # snapshot step -> G(all training label maps), site order
     synth_heldout: np.ndarray  # final G(held-out label maps)
     threads: int
+    training: dict[str, Any] = field(default_factory=dict)  # how training ended (GStopRule.summary)
+
+    @property
+    def final(self) -> int:
+        """The step G stopped at (its last snapshot)."""
+        return self.steps[-1]
 
 
 def generator_task(
@@ -108,15 +122,15 @@ def _train_generator_run(
     snaps = setting.snapshot_steps() if kind == "asyndgan" else [setting.gen_steps]
     res = GeneratorRun(kind, [], [], {}, np.empty(0, np.float32), torch.get_num_threads())
     channels = list(range(len(sites[0].modalities)))
+    rule = GStopRule(budget_s=setting.gen_budget_minutes * 60 if setting.gen_budget_minutes else math.inf)
 
     def on_snapshot(step: int, seconds: float, gen: GeneratorTrainer) -> None:
         res.steps.append(step)
         res.seconds.append(round(seconds, 3))
         res.synth_train[step] = synthesize_all(gen, all_labels, channels)
-        if step == setting.gen_steps:
-            res.synth_heldout = synthesize_all(gen, heldout.labels, channels)
+        res.synth_heldout = synthesize_all(gen, heldout.labels, channels)  # the last snapshot's stays
 
-    log.info("%s: training %s G for %d steps (batch %d)", setting.name, kind, setting.gen_steps, batch)
+    log.info("%s: training %s G for up to %d steps (batch %d)", setting.name, kind, setting.gen_steps, batch)
     train_generator(
         train_sites,
         net,
@@ -129,5 +143,7 @@ def _train_generator_run(
             if kind == "asyndgan"
             else (LOSSLESS, LOSSLESS)
         ),
+        rule,
     )
+    res.training = rule.summary(res.final)
     return res

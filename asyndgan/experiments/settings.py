@@ -22,7 +22,8 @@ class Setting:
     site_specs: tuple[str, ...]
     heldout_specs: tuple[str, ...]  # pooled; empty: cut a contiguous block out of every site (holdout_fraction, _gap)
     size: int | None = None
-    gen_steps: int = 300
+    gen_steps: int = 300  # the cap: G stops earlier once its sites' L1 is flat (experiments.convergence)
+    gen_budget_minutes: float = 0.0  # G's training time budget per generator (0: none)
     gen_batch: int = 4  # per site per step; the centralised pix2pix draws gen_batch x n_sites per step
     ngf: int = 32
     ndf: int = 32
