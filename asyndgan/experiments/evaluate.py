@@ -52,7 +52,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (32 px, few steps, one seed)")
     p.add_argument("--seeds", type=int, default=None, help="segmenter seeds 0..N-1 (default 3; quick 1)")
     p.add_argument("--generator-seed", type=int, default=0)
-    p.add_argument("--gen-steps", type=int, help="override: generator steps")
+    p.add_argument("--gen-steps", type=int, help="override: generator steps (the cap; G stops earlier once converged)")
+    p.add_argument("--budget-minutes", type=float, help="G's training time budget per generator (default: none)")
     p.add_argument("--gen-batch", type=int, help="override: generator batch per site")
     p.add_argument("--ngf", type=int, help="override: generator width")
     p.add_argument("--ndf", type=int, help="override: discriminator width")
@@ -106,6 +107,7 @@ def _custom_setting(a: argparse.Namespace) -> Setting:
 def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     """``s`` with the override flags that were given."""
     given = {"gen_steps": a.gen_steps, "gen_batch": a.gen_batch, "ngf": a.ngf, "ndf": a.ndf}
+    given["gen_budget_minutes"] = a.budget_minutes
     given["curve_points"] = a.curve_points
     given["codec"] = a.codec
     given["grad_codec"] = a.grad_codec
