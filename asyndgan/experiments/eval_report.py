@@ -105,8 +105,9 @@ def _dice_table(s: dict[str, Any]) -> list[str]:
     if a_train is not None and not a_train["converged"]:
         lines += [
             "",
-            "**(a) did not converge**: its validation Dice was still rising when the segmenter's step budget ran "
-            "out, so every ratio to (a) is a ratio to a weak reference. Raise `--seg-steps` (docs/evaluation.md).",
+            "**(a) did not converge**: its validation Dice had not levelled off (the stop rule did not fire) when the "
+            "segmenter's step cap was reached, so every ratio to (a) may be a ratio to a weak reference. Raise "
+            "`--seg-steps` (docs/evaluation.md).",
         ]
     small = s.get("classes", {}).get("small", [])
     if small:
