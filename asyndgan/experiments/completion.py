@@ -161,7 +161,8 @@ def _markdown(res: dict[str, Any], command: str) -> str:
         conv = f"{sum(f['converged'] for f in d['training'])}/{len(d['training'])}"
         rows.append({"condition": name, "mean_dice": d["mean"], "converged": conv, **_per_class(per_class)})
     classes = [f"class_{k + 1}" for k in range(len(per_class))]
-    rep.section("Segmenter of the site without t2 (its own held-out block)", rows, ["condition", "mean_dice", "converged", *classes])
+    cols = ["condition", "mean_dice", "converged", *classes]
+    rep.section("Segmenter of the site without t2 (its own held-out block)", rows, cols)
     sim = [{"label_maps": k, **v} for k, v in res["t2_similarity"].items()]
     rep.section("G's t2 against the site's real t2 (never seen by G)", sim, ["label_maps", "n", "l1", "psnr", "ssim"])
     goal = target("share of the Dice gap (t1 only -> real t2) closed by synthetic t2", closed, GOAL, True)
