@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyndgan.data import SiteData
 from asyndgan.experiments.datasets import LoadedSetting, load_setting, synthetic_sites
 from asyndgan.experiments.eval_progress import EvalProgress
 from asyndgan.experiments.eval_report import markdown_report
@@ -50,6 +51,7 @@ from asyndgan.experiments.segmentation import (
     make_pool,
     ratio,
     run_segmenters,
+    small_classes,
     training_conditions,
 )
 from asyndgan.experiments.segmenter import SegConfig
@@ -205,8 +207,12 @@ def _sized(setting: Setting, data: LoadedSetting) -> Setting:
     return dataclasses.replace(setting, seg=seg)
 
 
-def _small(shares: Sequence[float], main: Sequence[int]) -> list[int]:
-    return [i + 1 for i in range(len(shares)) if i not in main]
+def _classes(heldout: SiteData) -> tuple[list[int], dict[str, Any]]:
+    """(the classes that count in the mean Dice, the classes' entry in eval.json: pixel shares, small ones)."""
+    shares = class_shares(heldout.labels, heldout.num_classes)
+    main = main_classes(shares)
+    small = [i + 1 for i in small_classes(len(shares), main)]
+    return main, {"heldout_pixel_share": shares, "small_share": SMALL_CLASS_SHARE, "small": small}
 
 
 def evaluate_setting(
@@ -237,14 +243,12 @@ def evaluate_setting(
         setting.name, conditions, opts.seeds, heldout, setting.seg, data.shifted, pool
     )
     seg_wall = time.perf_counter() - t1
-    shares = class_shares(heldout.labels, data.num_classes)
-    main = main_classes(shares)
+    main, classes = _classes(heldout)
     cond_json = {
         key: condition_entry(label, len(train), by_key[key], opts.seeds, shifted_by_key.get(key), main, fits[key])
         for key, (label, train) in conditions.items()
         if "@" not in key
     }
-    classes = {"heldout_pixel_share": shares, "small_share": SMALL_CLASS_SHARE, "small": _small(shares, main)}
     t2 = time.perf_counter()
     phase(f"{setting.name}: memorisation audit")
     memo = _audits((g_async, g_central), conditions["a"][1].images, heldout.images, opts, pool)

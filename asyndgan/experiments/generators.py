@@ -128,10 +128,9 @@ def _train_generator_run(
         res.steps.append(step)
         res.seconds.append(round(seconds, 3))
         res.synth_train[step] = synthesize_all(gen, all_labels, channels)
-        res.synth_heldout = synthesize_all(gen, heldout.labels, channels)  # the last snapshot's stays
 
     log.info("%s: training %s G for up to %d steps (batch %d)", setting.name, kind, setting.gen_steps, batch)
-    train_generator(
+    gen = train_generator(
         train_sites,
         net,
         TrainConfig(),
@@ -145,5 +144,6 @@ def _train_generator_run(
         ),
         rule,
     )
+    res.synth_heldout = synthesize_all(gen, heldout.labels, channels)  # G as it stopped: its last snapshot
     res.training = rule.summary(res.final)
     return res

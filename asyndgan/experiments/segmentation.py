@@ -32,6 +32,7 @@ __all__ = [
     "ratio",
     "run_segmenters",
     "seg_task",
+    "small_classes",
     "training_conditions",
 ]
 
@@ -176,6 +177,11 @@ def main_classes(shares: Sequence[float]) -> list[int]:
     return main or list(range(len(shares)))
 
 
+def small_classes(num: int, main: Sequence[int]) -> list[int]:
+    """Indices (into 1..K-1, ``num`` of them) of the classes that are not ``main``."""
+    return [i for i in range(num) if i not in main]
+
+
 def ratio(x: float, y: float) -> float:
     return float(x) / float(y) if y > 0 else 0.0
 
@@ -194,7 +200,7 @@ def condition_entry(
     arr = np.asarray(per_seed, dtype=np.float64)  # (seeds, classes)
     main = range(arr.shape[1]) if main is None else main
     means = arr[:, list(main)].mean(1)
-    small = [i for i in range(arr.shape[1]) if i not in main]
+    small = small_classes(arr.shape[1], main)
     extra: dict[str, Any] = {"small_classes": {str(i + 1): float(arr[:, i].mean()) for i in small}}
     if fits:
         extra["training"] = {

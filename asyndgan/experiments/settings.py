@@ -40,7 +40,7 @@ class Setting:
     def validate(self) -> None:
         if not self.site_specs:
             raise ValueError(f"setting {self.name}: no site specs")
-        if self.gen_budget_minutes < 0:
+        if not self.gen_budget_minutes >= 0:  # also refuses NaN
             raise ValueError(f"setting {self.name}: the budget must be >= 0 minutes")
         if self.gen_steps < 1 or self.gen_batch < 1 or self.curve_points < 1:
             raise ValueError(f"setting {self.name}: gen_steps, gen_batch and curve_points must be >= 1")
