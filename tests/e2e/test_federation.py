@@ -164,7 +164,9 @@ def test_a_stopped_site_costs_the_others_nothing(fed: Federation) -> None:
     cont_step = gen.status().step
     fed.procs["h2"].send_signal(signal.SIGCONT)
     wait_for(lambda: site(gen, "h2").steps_contributed > before, 30, "h2 to be back")
-    assert gen.status().step - cont_step <= 4, "back within a few steps of SIGCONT"
+    # Its late answer brings it back at once (no backoff); the bound leaves room for the 0.2 s polling and a
+    # loaded CI machine (5 steps were seen there).
+    assert gen.status().step - cont_step <= 8, "back within a few steps of SIGCONT"
     gen.close()
 
 
