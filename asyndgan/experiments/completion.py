@@ -9,6 +9,9 @@ scanner's held-out block:
 - ``t1 + synthetic t2``: real t1 + G(its label maps)'s t2, tested on real t1 + real t2;
 - ``t1 + real t2``: real t1 + the real t2 it never had (the ceiling), tested on real t1 + real t2.
 
+Every condition trains with the same recipe, including random contrast on the t2 channel (nnU-Net's gamma and
+brightness ranges; ``--no-intensity`` drops it): G's t2 has the other hospitals' contrast, not this site's.
+
 Target (issue 13): the synthetic t2 closes >= 50 % of the Dice gap between ``t1 only`` and ``t1 + real t2``.
 Also: the same G's t2 against the site's real t2 (L1, PSNR, SSIM), on its training and held-out label maps.
 
@@ -37,7 +40,7 @@ from asyndgan.data import SiteData, load_site
 from asyndgan.experiments.datasets import restrict
 from asyndgan.experiments.generators import synthesize_all, train_generator
 from asyndgan.experiments.image_metrics import image_similarity
-from asyndgan.experiments.segmenter import SegConfig, evaluate_dice, train_segmenter
+from asyndgan.experiments.segmenter import BRIGHTNESS, GAMMA, SegConfig, evaluate_dice, train_segmenter
 from asyndgan.experiments.settings import EMBEDDED
 from asyndgan.experiments.tables import Report, target
 from asyndgan.io import write_bytes_atomic, write_json_atomic
@@ -64,6 +67,7 @@ class CompletionConfig:
     ndf: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
     seg: SegConfig = field(default_factory=lambda: SegConfig(steps=900))  # the cap; the stop rule ends it earlier
+    intensity: bool = True  # random scanner contrast on the t2 channel while training, in every condition
 
     @staticmethod
     def quick() -> CompletionConfig:
@@ -100,10 +104,11 @@ def _test_set(heldout: SiteData, condition: str) -> SiteData:
 def _segment(cfg: CompletionConfig, train: dict[str, SiteData], heldout: SiteData) -> dict[str, Any]:
     """Per condition: Dice per class per seed, and the mean over classes and seeds."""
     out: dict[str, Any] = {}
+    seg = dataclasses.replace(cfg.seg, intensity=(1,) if cfg.intensity else ())
     for name, data in train.items():
         per_seed, fits = [], []
         for seed in cfg.seeds:
-            model, fit = train_segmenter(data, [0, 1], cfg.seg, seed)
+            model, fit = train_segmenter(data, [0, 1], seg, seed)
             per_seed.append(evaluate_dice(model, _test_set(heldout, name), [0, 1]).tolist())
             fits.append({"steps": fit.steps, "converged": fit.converged})
             log.info("%s, seed %d: Dice %s", name, seed, np.round(per_seed[-1], 4).tolist())
@@ -167,6 +172,12 @@ def _markdown(res: dict[str, Any], command: str) -> str:
     rep.section("G's t2 against the site's real t2 (never seen by G)", sim, ["label_maps", "n", "l1", "psnr", "ssim"])
     goal = target("share of the Dice gap (t1 only -> real t2) closed by synthetic t2", closed, GOAL, True)
     rep.section("Targets", [goal], ["target", "value", "goal", "status"])
+    contrast = (
+        f"; their t2 channel gets random contrast while training (gamma {GAMMA[0]}-{GAMMA[1]}, brightness "
+        f"x{BRIGHTNESS[0]}-{BRIGHTNESS[1]}; every condition)"
+        if cfg["intensity"]
+        else ""
+    )
     head = [
         "# Modality completion",
         "",
@@ -175,7 +186,7 @@ def _markdown(res: dict[str, Any], command: str) -> str:
         f"while G trains ({cfg['gen_steps']} steps, batch {cfg['gen_batch']} per site, ngf {cfg['ngf']}, "
         f"{res['generator']['seconds']:.0f} s). Segmenters: two channels (t1, t2), seeds {cfg['seeds']}, base "
         f"{cfg['seg']['base']}, depth {cfg['seg']['depth']}, up to {cfg['seg']['steps']} steps (stop rule; "
-        "converged = seeds whose validation Dice levelled off); tested on "
+        f"converged = seeds whose validation Dice levelled off){contrast}; tested on "
         f"{res['num_heldout']} held-out slices of the site's scanner (t1 only: zero t2 there too). Gap "
         f"{res['gap']:.4f} Dice; closed {closed:.3f}.",
         "",
@@ -188,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--quick", action="store_true", help="32 px, a few steps (a smoke run, not a result)")
     p.add_argument("--gen-steps", type=int, help="override: generator steps")
+    p.add_argument("--orient", help="override: orientations, e.g. axial,coronal,sagittal")
+    p.add_argument("--no-intensity", action="store_true", help="no random contrast on the t2 channel (the ablation)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
@@ -195,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = CompletionConfig.quick() if a.quick else CompletionConfig()
     if a.gen_steps:
         cfg = dataclasses.replace(cfg, gen_steps=a.gen_steps)
+    if a.orient:
+        cfg = dataclasses.replace(cfg, orient=a.orient)
+    if a.no_intensity:
+        cfg = dataclasses.replace(cfg, intensity=False)
     start = time.perf_counter()
     res = run_completion(cfg)
     wall = time.perf_counter() - start

@@ -3,7 +3,8 @@
 The segmenter is the measuring instrument of the paper's claim: the same network, trained with the same
 seeded schedule on different training sets (real, synthetic, mixed), is scored on held-out *real* slices.
 Training draws batches with :class:`asyndgan.algorithm.BatchSampler` (seeded; flip and shift applied to
-label map and image together), loss = cross-entropy + ``dice_weight`` x soft Dice over the foreground classes.
+label map and image together; optionally random contrast on chosen channels, :func:`random_contrast`),
+loss = cross-entropy + ``dice_weight`` x soft Dice over the foreground classes.
 Stop rule: every ``val_every`` steps the mean Dice on a validation part of its own training set (every k-th
 slice, not trained on) is measured; training stops once ``patience`` checks in a row gained less than ``tol``
 over the best so far, or at ``steps``; the best-validated weights are kept. :class:`SegFit` says which.
@@ -32,6 +33,7 @@ __all__ = [
     "dice_per_class",
     "evaluate_dice",
     "predict",
+    "random_contrast",
     "soft_dice_loss",
     "split_validation",
     "train_segmenter",
@@ -51,6 +53,7 @@ class SegConfig:
     flip: bool = True
     max_shift: int = 4
     crop: int = 0  # train on random crop x crop patches (0 = whole slices); evaluation always uses whole slices
+    intensity: tuple[int, ...] = ()  # positions in ``channels`` given random contrast (:func:`random_contrast`)
     norm: str = "batch"  # "batch", "group" (GroupNorm, 4 channels per group) or "instance"
     class_weighting: bool = True  # cross-entropy weights 1/sqrt(class frequency in the training set), mean 1
     val_every: int = 50  # validation Dice every this many steps (0: no validation, train ``steps`` steps)
@@ -65,6 +68,8 @@ class SegConfig:
             raise ValueError("segmenter val_every >= 0, val_fraction in (0, 0.5), patience >= 1, tol >= 0")
         if not self.lr > 0 or self.dice_weight < 0 or self.max_shift < 0 or self.crop < 0:
             raise ValueError("segmenter lr must be > 0, dice_weight, max_shift and crop >= 0")
+        if any(c < 0 for c in self.intensity):
+            raise ValueError("segmenter intensity channels must be positions >= 0 in the channels it is given")
         if self.norm not in _NORMS:
             raise ValueError(f"unknown segmenter norm {self.norm!r}; choose one of {sorted(_NORMS)}")
 
@@ -192,6 +197,27 @@ def _crop(x: torch.Tensor, y: torch.Tensor, crop: int, rng: np.random.Generator)
     )
 
 
+GAMMA = (0.7, 1.5)  # nnU-Net's gamma augmentation range
+BRIGHTNESS = (0.75, 1.25)  # and its multiplicative brightness range
+
+
+def random_contrast(x: torch.Tensor, chans: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
+    """Random scanner contrast on channels ``chans`` of images ``x`` in [-1, 1], drawn per sample and channel:
+    ``(x01 ** gamma) * brightness`` on intensities mapped to [0, 1] (log-uniform gamma in :data:`GAMMA`,
+    uniform brightness in :data:`BRIGHTNESS`), clipped back to [-1, 1]. Stands in for the contrast of scanners
+    the segmenter has not seen (e.g. a modality that G learnt from other hospitals)."""
+    if not chans:
+        return x
+    n, k = len(x), len(chans)
+    gamma = np.exp(rng.uniform(np.log(GAMMA[0]), np.log(GAMMA[1]), (n, k)))
+    gain = rng.uniform(*BRIGHTNESS, (n, k))
+    out = x.clone()
+    sel = out[:, list(chans)]
+    x01 = ((sel + 1) / 2).clamp(0, 1) ** torch.from_numpy(gamma).float()[..., None, None]
+    out[:, list(chans)] = (x01 * torch.from_numpy(gain).float()[..., None, None] * 2 - 1).clamp(-1, 1)
+    return out
+
+
 def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, seed: int) -> tuple[SegUNet, SegFit]:
     """Train a fresh :class:`SegUNet` on ``data`` (image channels ``channels``) with Adam, up to ``cfg.steps``
     steps under the stop rule (module docstring); with ``cfg.val_every`` 0 on all of ``data`` for ``cfg.steps``.
@@ -212,7 +238,8 @@ def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, see
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = sampler.next()
-        x, y = _crop(batch.real[:, chan], batch.labels.long(), cfg.crop, crop_rng)
+        x = random_contrast(batch.real[:, chan], cfg.intensity, crop_rng)
+        x, y = _crop(x, batch.labels.long(), cfg.crop, crop_rng)
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=weight)
         if cfg.dice_weight:

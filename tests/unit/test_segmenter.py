@@ -1,4 +1,4 @@
-"""The segmenter's stop rule: validation split, plateau, converged or not."""
+"""The segmenter's stop rule (validation split, plateau, converged or not) and its random contrast."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
-from asyndgan.experiments.segmenter import SegConfig, split_validation, train_segmenter
+from asyndgan.experiments.segmenter import SegConfig, random_contrast, split_validation, train_segmenter
 from tests.conftest import make_site
 
 CFG = SegConfig(base=4, depth=2, steps=400, batch_size=4, val_every=10, patience=2, tol=0.01)
@@ -50,3 +51,18 @@ def test_segmenter_sized_from_the_task(classes: int, size: int, images: int, exp
     cfg = SegConfig.for_task(classes, size, images)
     assert (cfg.base, cfg.depth, cfg.steps) == expected
     cfg.validate()
+
+
+def test_random_contrast_touches_only_its_channels_and_keeps_the_range() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(-1, 1, (16, 2, 8, 8)).astype(np.float32))
+    x[:, :, 0, 0] = -1.0  # background stays background
+    out = random_contrast(x, [1], np.random.default_rng(1))
+    assert torch.equal(out[:, 0], x[:, 0]) and not torch.equal(out[:, 1], x[:, 1])
+    assert out.min() >= -1 and out.max() <= 1 and torch.all(out[:, 1, 0, 0] == -1)
+    # drawn per sample: the mapping of the same pixel values differs between samples
+    assert len({round(float(out[i, 1].mean() - x[i, 1].mean()), 4) for i in range(16)}) > 8
+    assert torch.equal(random_contrast(x, [1], np.random.default_rng(1)), out)  # seeded
+    assert random_contrast(x, [], np.random.default_rng(1)) is x
+    with pytest.raises(ValueError, match="intensity"):
+        SegConfig(intensity=(-1,)).validate()
