@@ -81,7 +81,8 @@ def embedded_setting(name: str, description: str, of: int, size: int, orient: st
 
 
 def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
-    """``easy`` (64 px, axial only) and ``hard`` (128 px, three orientations); ``quick`` shrinks both to 32 px."""
+    """``easy`` (64 px, axial only) and ``hard`` (128 px, three orientations); ``quick`` shrinks both to 32 px.
+    Step counts are caps: G and the segmenters stop earlier under their stop rules (docs/evaluation.md)."""
     if quick:
         seg = SegConfig(base=8, depth=2, steps=30, batch_size=8, lr=3e-3)
         common: dict[str, Any] = {"gen_steps": 4, "gen_batch": 2, "ngf": 8, "ndf": 8, "curve_points": 2, "seg": seg}
@@ -96,12 +97,12 @@ def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
             sites,
             64,
             "axial",
-            gen_steps=600,
+            gen_steps=1500,
             gen_batch=4,
             ngf=32,
             ndf=32,
             curve_points=4,
-            seg=SegConfig(),
+            seg=SegConfig(steps=1200),
         ),
         "hard": embedded_setting(
             "hard",
@@ -109,11 +110,11 @@ def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
             sites,
             128,
             None,
-            gen_steps=800,
+            gen_steps=1500,
             gen_batch=4,
             ngf=16,
             ndf=16,
             curve_points=4,
-            seg=SegConfig(crop=64),
+            seg=SegConfig(crop=64, steps=900),
         ),
     }
