@@ -9,8 +9,11 @@ scanner's held-out block:
 - ``t1 + synthetic t2``: real t1 + G(its label maps)'s t2, tested on real t1 + real t2;
 - ``t1 + real t2``: real t1 + the real t2 it never had (the ceiling), tested on real t1 + real t2.
 
-Every condition trains with the same recipe, including random contrast on the t2 channel (nnU-Net's gamma and
-brightness ranges; ``--no-intensity`` drops it): G's t2 has the other hospitals' contrast, not this site's.
+The segmenters share network, schedule and stop rule. The synthetic t2 is trained as a stand-in (``--plain``
+drops this): random contrast on it (nnU-Net's gamma and brightness ranges), since G's t2 has the other hospitals'
+contrast, not this site's, and modality dropout (:data:`STAND_IN_DROPOUT` of the samples see zero t2), so that
+the segmenter cannot lean on a channel that is a clean rendering of the label map. The two real arms train
+plainly (random contrast on the real t2 lowered that ceiling: 0.903 -> 0.858 in one run).
 
 Target (issue 13): the synthetic t2 closes >= 50 % of the Dice gap between ``t1 only`` and ``t1 + real t2``.
 Also: the same G's t2 against the site's real t2 (L1, PSNR, SSIM), on its training and held-out label maps.
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 CONDITIONS = ("t1 only", "t1 + synthetic t2", "t1 + real t2")
 GOAL = 0.5  # share of the Dice gap the synthetic t2 must close
+STAND_IN_DROPOUT = 0.5  # chance that a training sample of the synthetic arm sees zero t2
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class CompletionConfig:
     ndf: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
     seg: SegConfig = field(default_factory=lambda: SegConfig(steps=900))  # the cap; the stop rule ends it earlier
-    intensity: bool = True  # random scanner contrast on the t2 channel while training, in every condition
+    stand_in: bool = True  # train the synthetic t2 arm with random contrast and modality dropout on t2
 
     @staticmethod
     def quick() -> CompletionConfig:
@@ -104,15 +108,17 @@ def _test_set(heldout: SiteData, condition: str) -> SiteData:
 def _segment(cfg: CompletionConfig, train: dict[str, SiteData], heldout: SiteData) -> dict[str, Any]:
     """Per condition: Dice per class per seed, and the mean over classes and seeds."""
     out: dict[str, Any] = {}
-    seg = dataclasses.replace(cfg.seg, intensity=(1,) if cfg.intensity else ())
+    stand_in = dataclasses.replace(cfg.seg, intensity=(1,), dropout=STAND_IN_DROPOUT)
     for name, data in train.items():
+        seg = stand_in if cfg.stand_in and name == "t1 + synthetic t2" else cfg.seg
         per_seed, fits = [], []
         for seed in cfg.seeds:
             model, fit = train_segmenter(data, [0, 1], seg, seed)
             per_seed.append(evaluate_dice(model, _test_set(heldout, name), [0, 1]).tolist())
             fits.append({"steps": fit.steps, "converged": fit.converged})
             log.info("%s, seed %d: Dice %s", name, seed, np.round(per_seed[-1], 4).tolist())
-        out[name] = {"per_class_per_seed": per_seed, "mean": float(np.mean(per_seed)), "training": fits}
+        recipe = {"random_contrast_t2": bool(seg.intensity), "t2_dropout": seg.dropout}
+        out[name] = {"per_class_per_seed": per_seed, "mean": float(np.mean(per_seed)), "training": fits, **recipe}
     return out
 
 
@@ -173,9 +179,9 @@ def _markdown(res: dict[str, Any], command: str) -> str:
     goal = target("share of the Dice gap (t1 only -> real t2) closed by synthetic t2", closed, GOAL, True)
     rep.section("Targets", [goal], ["target", "value", "goal", "status"])
     contrast = (
-        f"; their t2 channel gets random contrast while training (gamma {GAMMA[0]}-{GAMMA[1]}, brightness "
-        f"x{BRIGHTNESS[0]}-{BRIGHTNESS[1]}; every condition)"
-        if cfg["intensity"]
+        f"; the synthetic t2 arm trains it as a stand-in: random contrast (gamma {GAMMA[0]}-{GAMMA[1]}, "
+        f"brightness x{BRIGHTNESS[0]}-{BRIGHTNESS[1]}) and zero t2 for {STAND_IN_DROPOUT:.0%} of its samples"
+        if cfg["stand_in"]
         else ""
     )
     head = [
@@ -200,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="32 px, a few steps (a smoke run, not a result)")
     p.add_argument("--gen-steps", type=int, help="override: generator steps")
     p.add_argument("--orient", help="override: orientations, e.g. axial,coronal,sagittal")
-    p.add_argument("--no-intensity", action="store_true", help="no random contrast on the t2 channel (the ablation)")
+    p.add_argument("--plain", action="store_true", help="train the synthetic t2 arm like the others (ablation)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
@@ -210,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, gen_steps=a.gen_steps)
     if a.orient:
         cfg = dataclasses.replace(cfg, orient=a.orient)
-    if a.no_intensity:
-        cfg = dataclasses.replace(cfg, intensity=False)
+    if a.plain:
+        cfg = dataclasses.replace(cfg, stand_in=False)
     start = time.perf_counter()
     res = run_completion(cfg)
     wall = time.perf_counter() - start

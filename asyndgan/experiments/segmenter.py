@@ -54,6 +54,7 @@ class SegConfig:
     max_shift: int = 4
     crop: int = 0  # train on random crop x crop patches (0 = whole slices); evaluation always uses whole slices
     intensity: tuple[int, ...] = ()  # positions in ``channels`` given random contrast (:func:`random_contrast`)
+    dropout: float = 0.0  # chance that a sample's ``intensity`` channels are zeroed instead (modality dropout)
     norm: str = "batch"  # "batch", "group" (GroupNorm, 4 channels per group) or "instance"
     class_weighting: bool = True  # cross-entropy weights 1/sqrt(class frequency in the training set), mean 1
     val_every: int = 50  # validation Dice every this many steps (0: no validation, train ``steps`` steps)
@@ -68,8 +69,8 @@ class SegConfig:
             raise ValueError("segmenter val_every >= 0, val_fraction in (0, 0.5), patience >= 1, tol >= 0")
         if not self.lr > 0 or self.dice_weight < 0 or self.max_shift < 0 or self.crop < 0:
             raise ValueError("segmenter lr must be > 0, dice_weight, max_shift and crop >= 0")
-        if any(c < 0 for c in self.intensity):
-            raise ValueError("segmenter intensity channels must be positions >= 0 in the channels it is given")
+        if any(c < 0 for c in self.intensity) or not 0 <= self.dropout < 1:
+            raise ValueError("segmenter intensity channels must be positions >= 0, dropout in [0, 1)")
         if self.norm not in _NORMS:
             raise ValueError(f"unknown segmenter norm {self.norm!r}; choose one of {sorted(_NORMS)}")
 
@@ -201,20 +202,26 @@ GAMMA = (0.7, 1.5)  # nnU-Net's gamma augmentation range
 BRIGHTNESS = (0.75, 1.25)  # and its multiplicative brightness range
 
 
-def random_contrast(x: torch.Tensor, chans: Sequence[int], rng: np.random.Generator) -> torch.Tensor:
+def random_contrast(
+    x: torch.Tensor, chans: Sequence[int], rng: np.random.Generator, dropout: float = 0.0
+) -> torch.Tensor:
     """Random scanner contrast on channels ``chans`` of images ``x`` in [-1, 1], drawn per sample and channel:
     ``(x01 ** gamma) * brightness`` on intensities mapped to [0, 1] (log-uniform gamma in :data:`GAMMA`,
-    uniform brightness in :data:`BRIGHTNESS`), clipped back to [-1, 1]. Stands in for the contrast of scanners
-    the segmenter has not seen (e.g. a modality that G learnt from other hospitals)."""
+    uniform brightness in :data:`BRIGHTNESS`), clipped back to [-1, 1]; with chance ``dropout`` per sample
+    those channels are zero instead (as a missing modality is given). Stands in for the contrast of scanners
+    the segmenter has not seen (e.g. a modality that G learnt from other hospitals), and keeps it from leaning
+    on such a channel alone."""
     if not chans:
         return x
     n, k = len(x), len(chans)
     gamma = np.exp(rng.uniform(np.log(GAMMA[0]), np.log(GAMMA[1]), (n, k)))
     gain = rng.uniform(*BRIGHTNESS, (n, k))
+    keep = (rng.random(n) >= dropout)[:, None] if dropout else np.ones((n, 1), bool)
     out = x.clone()
     sel = out[:, list(chans)]
     x01 = ((sel + 1) / 2).clamp(0, 1) ** torch.from_numpy(gamma).float()[..., None, None]
-    out[:, list(chans)] = (x01 * torch.from_numpy(gain).float()[..., None, None] * 2 - 1).clamp(-1, 1)
+    new = (x01 * torch.from_numpy(gain).float()[..., None, None] * 2 - 1).clamp(-1, 1)
+    out[:, list(chans)] = new * torch.from_numpy(keep).float()[..., None, None]
     return out
 
 
@@ -238,7 +245,7 @@ def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, see
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = sampler.next()
-        x = random_contrast(batch.real[:, chan], cfg.intensity, crop_rng)
+        x = random_contrast(batch.real[:, chan], cfg.intensity, crop_rng, cfg.dropout)
         x, y = _crop(x, batch.labels.long(), cfg.crop, crop_rng)
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=weight)

@@ -36,6 +36,8 @@ def test_quick_run_writes_a_report(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "completion.json").read_text())
     assert res["generator"]["modalities"] == ["t1", "t2"]  # G makes t2 though the first site has none
     assert set(res["dice"]) == set(CONDITIONS)
+    recipes = {c: (d["random_contrast_t2"], d["t2_dropout"]) for c, d in res["dice"].items()}
+    assert recipes == {"t1 only": (False, 0), "t1 + synthetic t2": (True, 0.5), "t1 + real t2": (False, 0)}
     assert res["gap"] == res["dice"]["t1 + real t2"]["mean"] - res["dice"]["t1 only"]["mean"]
     md = (tmp_path / "completion.md").read_text()
     assert "share of the Dice gap" in md and "t1 + synthetic t2" in md

@@ -53,7 +53,7 @@ def test_segmenter_sized_from_the_task(classes: int, size: int, images: int, exp
     cfg.validate()
 
 
-def test_random_contrast_touches_only_its_channels_and_keeps_the_range() -> None:
+def test_random_contrast_and_dropout_touch_only_their_channels() -> None:
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.uniform(-1, 1, (16, 2, 8, 8)).astype(np.float32))
     x[:, :, 0, 0] = -1.0  # background stays background
@@ -64,5 +64,10 @@ def test_random_contrast_touches_only_its_channels_and_keeps_the_range() -> None
     assert len({round(float(out[i, 1].mean() - x[i, 1].mean()), 4) for i in range(16)}) > 8
     assert torch.equal(random_contrast(x, [1], np.random.default_rng(1)), out)  # seeded
     assert random_contrast(x, [], np.random.default_rng(1)) is x
+    dropped = random_contrast(x, [1], np.random.default_rng(2), dropout=0.5)
+    zero = [bool(torch.all(dropped[i, 1] == 0)) for i in range(16)]
+    assert 2 <= sum(zero) <= 14 and torch.equal(dropped[:, 0], x[:, 0])  # whole samples' channel 1 zeroed
     with pytest.raises(ValueError, match="intensity"):
         SegConfig(intensity=(-1,)).validate()
+    with pytest.raises(ValueError, match="dropout"):
+        SegConfig(intensity=(1,), dropout=1.0).validate()
