@@ -50,8 +50,9 @@ def train_generator(
     def on_step(it: int, step_seconds: float, outcome: StepOutcome) -> bool:
         nonlocal seconds
         seconds += step_seconds
-        eval_progress.advance(eval_progress.GEN_STEP_UNITS)
         done = stop is not None and stop.observe(it, seconds, outcome)
+        # a G that stops early has done its share of the planned work (the cap), as a segmenter does
+        eval_progress.advance(eval_progress.GEN_STEP_UNITS * ((run.iterations - it + 1) if done else 1))
         if it % 50 == 0 or it == run.iterations or done:
             log.info(
                 "G %s step %d/%d loss %.3f (%.1f s)%s",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from asyndgan.algorithm import Dropped, StepOutcome, TrainConfig
+from asyndgan.experiments import eval_progress
 from asyndgan.experiments.convergence import GStopRule, site_l1
 from asyndgan.experiments.generators import train_generator
 from asyndgan.local import LocalRun
@@ -55,12 +56,15 @@ def test_budget_or_cap_is_not_converged() -> None:
     assert capped.summary(30)["stopped_by"] == "max_steps" and not capped.summary(30)["converged"]
 
 
-def test_training_ends_where_the_rule_fires_with_a_last_snapshot() -> None:
+def test_training_ends_where_the_rule_fires_with_a_last_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     sites = [make_site("a", n=8, size=32), make_site("b", n=8, size=32, seed=1)]
     snaps: list[int] = []
     rule = GStopRule(window=2, budget_s=0.0)  # fires at the first step: the budget is spent
+    units: list[float] = []
+    monkeypatch.setattr(eval_progress, "_sink", units.append)
     gen = train_generator(
         sites, NetConfig(generator="unet_32", ngf=8, ndf=8), TrainConfig(), LocalRun(10, 2, 0), [5, 10],
         lambda step, _s, _g: snaps.append(step), stop=rule,
     )  # fmt: skip
     assert gen.steps == 1 and snaps == [1] and rule.reason == "budget"
+    assert sum(units) == 10 * eval_progress.GEN_STEP_UNITS  # the eval's progress counts the cap as done
