@@ -1,13 +1,17 @@
-"""Synthesize throughput: images/s through the generator service's Synthesize stream (client and server in this
-process, real gRPC on loopback) vs the same generator's forward pass called directly."""
+"""Synthesize throughput: images/s through the generator service's Synthesize stream (real gRPC on loopback) vs
+the same generator's forward pass called directly. The client runs in its own process, as a downstream job
+does, and also in the server's process (where its decoding competes with the server for the GIL)."""
 
 from __future__ import annotations
 
 import functools
 import math
+import multiprocessing as mp
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +40,37 @@ def _race(variants: dict[str, Callable[[], object]], repeat: int) -> dict[str, f
     return best
 
 
+def _client_process(address: str, codec: str, batches: list[np.ndarray], conn: Connection) -> None:
+    """A Synthesize client in its own process: on each ``True`` from ``conn``, stream ``batches`` and send back
+    the seconds it took; ``False`` ends it."""
+    client = GeneratorClient(address, image_codec=codec)
+    try:
+        while conn.recv():
+            start = time.perf_counter()
+            for images, _ in client.stream(batches):
+                assert images.shape[0] == len(batches[0])
+            conn.send(time.perf_counter() - start)
+    finally:
+        client.close()
+
+
+def _remote(conn: Connection) -> None:
+    conn.send(True)
+    conn.recv()
+
+
 def _time_paths(
     svc: GeneratorService, batches: list[np.ndarray], codecs: Sequence[str], repeat: int
 ) -> dict[str, float]:
     batch = len(batches[0])
-    clients = {c: GeneratorClient(f"127.0.0.1:{svc.server.port}", image_codec=c) for c in codecs}
+    address = f"127.0.0.1:{svc.server.port}"
+    clients = {c: GeneratorClient(address, image_codec=c) for c in codecs}
+    ctx = mp.get_context("spawn")
+    pipes, procs = {}, []
+    for c in codecs:
+        pipes[c], child = ctx.Pipe()
+        procs.append(ctx.Process(target=_client_process, args=(address, c, batches, child), daemon=True))
+        procs[-1].start()
     tensors = [torch.from_numpy(b) for b in batches]
 
     def forward() -> None:
@@ -57,7 +87,8 @@ def _time_paths(
     variants: dict[str, Callable[[], object]] = {
         "forward (main thread)": forward,
         "forward (worker thread)": lambda: worker.submit(forward).result(),
-        **{c: functools.partial(stream, client) for c, client in clients.items()},
+        **{f"{c} images, client process": functools.partial(_remote, pipe) for c, pipe in pipes.items()},
+        **{f"{c} images, client in the server's process": functools.partial(stream, cl) for c, cl in clients.items()},
     }
     try:
         return _race(variants, repeat)
@@ -65,6 +96,10 @@ def _time_paths(
         worker.shutdown()
         for c in clients.values():
             c.close()
+        for pipe in pipes.values():
+            pipe.send(False)
+        for p in procs:
+            p.join(10)
 
 
 def bench_synthesize(size: int, batch: int, requests: int, repeat: int, codecs: Sequence[str]) -> dict[str, Any]:
@@ -91,7 +126,7 @@ def bench_synthesize(size: int, batch: int, requests: int, repeat: int, codecs: 
     reference = min(best["forward (main thread)"], best["forward (worker thread)"])
     rows = [
         {
-            "path": f"G {name} in-process" if name.startswith("forward") else f"Synthesize stream ({name} images)",
+            "path": f"G {name} in-process" if name.startswith("forward") else f"Synthesize stream ({name})",
             "images_per_s": images / seconds,
             "vs_forward": reference / seconds,
         }

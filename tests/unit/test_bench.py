@@ -65,3 +65,26 @@ def test_bytes_section_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "bytes.png"
     bytes_png(png, [res])
     assert Image.open(png).size[0] > 0
+
+
+def test_synthesize_section_times_a_client_process_and_an_in_process_client(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    argv = ["--out", str(out), "--sections", "synthesize", "--synth-size", "32", "--synth-batch", "2"]
+    try:
+        code = bench.main([*argv, "--synth-requests", "2", "--synth-repeat", "1", "--synth-codecs", "f32"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    res = json.loads(out.read_text())
+    paths = [r["path"] for r in res["synthesize"]["rows"]]
+    assert paths[2:] == [
+        "Synthesize stream (f32 images, client process)",
+        "Synthesize stream (f32 images, client in the server's process)",
+    ]
+    assert all(r["images_per_s"] > 0 for r in res["synthesize"]["rows"])
+    (goal,) = res["targets"]
+    assert (
+        goal["target"] == "Synthesize / forward pass (f32)"
+        and goal["value"] == res["synthesize"]["rows"][2]["vs_forward"]
+    )
