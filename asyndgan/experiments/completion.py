@@ -43,7 +43,7 @@ from asyndgan.data import SiteData, load_site
 from asyndgan.experiments.datasets import restrict
 from asyndgan.experiments.generators import synthesize_all, train_generator
 from asyndgan.experiments.image_metrics import image_similarity
-from asyndgan.experiments.segmenter import BRIGHTNESS, GAMMA, SegConfig, evaluate_dice, train_segmenter
+from asyndgan.experiments.segmenter import CONTRAST_RANGES, SegConfig, evaluate_dice, train_segmenter
 from asyndgan.experiments.settings import EMBEDDED
 from asyndgan.experiments.tables import Report, target
 from asyndgan.io import write_bytes_atomic, write_json_atomic
@@ -179,8 +179,8 @@ def _markdown(res: dict[str, Any], command: str) -> str:
     goal = target("share of the Dice gap (t1 only -> real t2) closed by synthetic t2", closed, GOAL, True)
     rep.section("Targets", [goal], ["target", "value", "goal", "status"])
     contrast = (
-        f"; the synthetic t2 arm trains it as a stand-in: random contrast (gamma {GAMMA[0]}-{GAMMA[1]}, "
-        f"brightness x{BRIGHTNESS[0]}-{BRIGHTNESS[1]}) and zero t2 for {STAND_IN_DROPOUT:.0%} of its samples"
+        f"; the synthetic t2 arm trains it as a stand-in: random contrast ({CONTRAST_RANGES}) and zero t2 for "
+        f"{STAND_IN_DROPOUT:.0%} of its samples"
         if cfg["stand_in"]
         else ""
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asyndgan.experiments.segmenter import CONTRAST_RANGES
+
 __all__ = ["markdown_report", "pm"]
 
 _GROUPS = ("real_heldout", "synthetic_heldout_labels", "synthetic_training_labels")
@@ -69,7 +71,9 @@ def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
         f"Segmenter: U-Net base {seg['base']}, depth {seg['depth']}, up to {seg['steps']} Adam steps (stop rule: "
         f"validation Dice checked every {seg.get('val_every', 0)} steps, patience {seg.get('patience')}, tol "
         f"{seg.get('tol')}), batch "
-        f"{seg['batch_size']}, lr {seg['lr']}, CE + {seg['dice_weight']} x soft Dice. Wall time: "
+        f"{seg['batch_size']}, lr {seg['lr']}, CE + {seg['dice_weight']} x soft Dice"
+        f"{f'; random contrast on every channel ({CONTRAST_RANGES})' if seg.get('contrast') else ''}"
+        ". Wall time: "
         f"{s['wall_seconds']['total']:.0f} s.",
         "",
     ]

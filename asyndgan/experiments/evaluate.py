@@ -66,6 +66,11 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-batch", type=int, help="override: segmenter batch")
     p.add_argument("--seg-base", type=int, help="override: segmenter width")
     p.add_argument(
+        "--seg-contrast",
+        action="store_true",
+        help="segmenters train with random contrast on every channel (nnU-Net's gamma/brightness ranges)",
+    )
+    p.add_argument(
         "--augment",
         choices=["all", "first"],
         default=None,
@@ -117,6 +122,8 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     if seg_over:  # the user's segmenter, not one sized from the task
         over["seg"] = dataclasses.replace(s.seg, **seg_over)
         over["seg_from_task"] = False
+    if a.seg_contrast:  # a training recipe, not a size: kept when the task sizes the segmenter
+        over["seg"] = dataclasses.replace(over.get("seg", s.seg), contrast=True)
     s = dataclasses.replace(s, **over)
     s.validate()
     return s

@@ -203,6 +203,7 @@ def _sized(setting: Setting, data: LoadedSetting) -> Setting:
         return setting
     size = max(data.heldout.labels.shape[1:])
     seg = SegConfig.for_task(data.num_classes, size, sum(len(s) for s in data.sites))
+    seg = dataclasses.replace(seg, contrast=setting.seg.contrast)  # the training recipe stays the user's
     log.info("%s: segmenter sized from the task: %s", setting.name, seg)
     return dataclasses.replace(setting, seg=seg)
 

@@ -26,6 +26,7 @@ from asyndgan.algorithm import BatchSampler
 from asyndgan.data import SiteData
 
 __all__ = [
+    "CONTRAST_RANGES",
     "SegConfig",
     "SegFit",
     "SegUNet",
@@ -54,6 +55,7 @@ class SegConfig:
     max_shift: int = 4
     crop: int = 0  # train on random crop x crop patches (0 = whole slices); evaluation always uses whole slices
     intensity: tuple[int, ...] = ()  # positions in ``channels`` given random contrast (:func:`random_contrast`)
+    contrast: bool = False  # random contrast on every channel (overrides ``intensity``)
     dropout: float = 0.0  # chance that a sample's ``intensity`` channels are zeroed instead (modality dropout)
     norm: str = "batch"  # "batch", "group" (GroupNorm, 4 channels per group) or "instance"
     class_weighting: bool = True  # cross-entropy weights 1/sqrt(class frequency in the training set), mean 1
@@ -200,6 +202,7 @@ def _crop(x: torch.Tensor, y: torch.Tensor, crop: int, rng: np.random.Generator)
 
 GAMMA = (0.7, 1.5)  # nnU-Net's gamma augmentation range
 BRIGHTNESS = (0.75, 1.25)  # and its multiplicative brightness range
+CONTRAST_RANGES = f"gamma {GAMMA[0]}-{GAMMA[1]}, brightness x{BRIGHTNESS[0]}-{BRIGHTNESS[1]}"  # for reports
 
 
 def random_contrast(
@@ -241,11 +244,12 @@ def train_segmenter(data: SiteData, channels: Sequence[int], cfg: SegConfig, see
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
     chan, crop_rng = list(channels), np.random.Generator(np.random.PCG64(seed + 1))
+    aug = tuple(range(len(chan))) if cfg.contrast else cfg.intensity
     fit, best_state, ref, flat = SegFit(), None, -math.inf, 0
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = sampler.next()
-        x = random_contrast(batch.real[:, chan], cfg.intensity, crop_rng, cfg.dropout)
+        x = random_contrast(batch.real[:, chan], aug, crop_rng, cfg.dropout)
         x, y = _crop(x, batch.labels.long(), cfg.crop, crop_rng)
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=weight)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
+from asyndgan.data import SiteData
+from asyndgan.experiments.evaluate import add_eval_flags, settings_from_args
 from asyndgan.experiments.segmenter import SegConfig, random_contrast, split_validation, train_segmenter
+from asyndgan.experiments.settings import default_settings
 from tests.conftest import make_site
 
 CFG = SegConfig(base=4, depth=2, steps=400, batch_size=4, val_every=10, patience=2, tol=0.01)
@@ -71,3 +75,25 @@ def test_random_contrast_and_dropout_touch_only_their_channels() -> None:
         SegConfig(intensity=(-1,)).validate()
     with pytest.raises(ValueError, match="dropout"):
         SegConfig(intensity=(1,), dropout=1.0).validate()
+
+
+def test_seg_contrast_flag_keeps_the_task_sizing_and_reaches_every_channel(one_thread: None) -> None:
+    p = argparse.ArgumentParser()
+    add_eval_flags(p)
+    (easy,) = settings_from_args(p.parse_args(["--setting", "easy", "--seg-contrast"]))
+    assert easy.seg.contrast and easy.seg.steps == default_settings()["easy"].seg.steps
+    (custom,) = settings_from_args(p.parse_args(["--site", "embedded:icbm152?site=0&of=3", "--seg-contrast"]))
+    assert custom.seg.contrast and custom.seg_from_task  # still sized from the task, contrast kept
+    data = make_site("s", n=12, size=16)
+    two = SiteData("two", data.labels, np.concatenate([data.images, data.images], 1), ("a", "b"), data.num_classes)
+    cfg = dataclasses.replace(CFG, steps=3, val_every=0)
+
+    def weights(c: SegConfig) -> list[torch.Tensor]:
+        return list(train_segmenter(two, [0, 1], c, seed=0)[0].state_dict().values())
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    plain = weights(cfg)
+    assert same(plain, weights(cfg))  # seeded: only the contrast can make the difference below
+    assert not same(plain, weights(dataclasses.replace(cfg, contrast=True)))
