@@ -40,6 +40,7 @@ import torch
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import SiteData, load_site
+from asyndgan.experiments.convergence import GStopRule
 from asyndgan.experiments.datasets import restrict
 from asyndgan.experiments.generators import synthesize_all, train_generator
 from asyndgan.experiments.image_metrics import image_similarity
@@ -64,8 +65,8 @@ class CompletionConfig:
     size: int = 64
     sites: int = 3
     missing: int = 0  # the site without t2
-    orient: str = "axial"
-    gen_steps: int = 600
+    orient: str = "axial,coronal,sagittal"  # all three: site 0 has 23 axial slices at 64 px, 75 in all
+    gen_steps: int = 1500  # the cap: G stops earlier once its sites' L1 is flat (experiments.convergence)
     gen_batch: int = 4
     ngf: int = 32
     ndf: int = 32
@@ -122,11 +123,13 @@ def _segment(cfg: CompletionConfig, train: dict[str, SiteData], heldout: SiteDat
     return out
 
 
-def _train_g(cfg: CompletionConfig, sites: list[SiteData]) -> tuple[Any, float]:
-    net = NetConfig(ngf=cfg.ngf, ndf=cfg.ndf)
+def _train_g(cfg: CompletionConfig, sites: list[SiteData]) -> tuple[Any, dict[str, Any]]:
+    """G under the evaluation's stop rule; (G, how its training ended)."""
+    net, rule = NetConfig(ngf=cfg.ngf, ndf=cfg.ndf), GStopRule()
     start = time.perf_counter()
-    gen = train_generator(sites, net, TrainConfig(), LocalRun(cfg.gen_steps, cfg.gen_batch, 0), [], lambda *_: None)
-    return gen, time.perf_counter() - start
+    run = LocalRun(cfg.gen_steps, cfg.gen_batch, 0)
+    gen = train_generator(sites, net, TrainConfig(), run, [], lambda *_: None, stop=rule)
+    return gen, {**rule.summary(gen.steps), "seconds": time.perf_counter() - start}
 
 
 def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
@@ -134,7 +137,7 @@ def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
     full = [load_site(cfg.spec(f"site={j}")) for j in range(cfg.sites)]
     sites = [restrict(s, ["t1"]) if j == cfg.missing else s for j, s in enumerate(full)]
     heldout = load_site(cfg.spec(f"split=heldout&scanner={cfg.missing}"))
-    gen, g_seconds = _train_g(cfg, sites)
+    gen, training = _train_g(cfg, sites)
     t2 = [gen.modalities.index("t2")]
     site = full[cfg.missing]
     synth_train = synthesize_all(gen, site.labels, t2)
@@ -144,7 +147,7 @@ def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
     gap = high - low
     return {
         "config": dataclasses.asdict(cfg),
-        "generator": {"modalities": list(gen.modalities), "steps": cfg.gen_steps, "seconds": g_seconds},
+        "generator": {"modalities": list(gen.modalities), **training},
         "site": site.name,
         "num_train": len(site),
         "num_heldout": len(heldout),
@@ -163,7 +166,7 @@ def _per_class(dice: np.ndarray) -> dict[str, float]:
 
 
 def _markdown(res: dict[str, Any], command: str) -> str:
-    cfg, closed = res["config"], res["gap_closed"]
+    cfg, closed, g = res["config"], res["gap_closed"], res["generator"]
     rep = Report()
     rows = []
     for name in CONDITIONS:
@@ -189,8 +192,9 @@ def _markdown(res: dict[str, Any], command: str) -> str:
         "",
         f"`{command}` on this machine, {res['wall_seconds']:.0f} s, {res['date']}. Embedded t1+t2, {cfg['sites']} "
         f"sites at {cfg['size']} px ({cfg['orient']}); site {res['site']} ({res['num_train']} slices) holds no t2 "
-        f"while G trains ({cfg['gen_steps']} steps, batch {cfg['gen_batch']} per site, ngf {cfg['ngf']}, "
-        f"{res['generator']['seconds']:.0f} s). Segmenters: two channels (t1, t2), seeds {cfg['seeds']}, base "
+        f"while G trains ({g['steps']} of up to {cfg['gen_steps']} steps, stopped by {g['stopped_by']}, batch "
+        f"{cfg['gen_batch']} per site, ngf {cfg['ngf']}, {g['seconds']:.0f} s). Segmenters: two channels (t1, t2), "
+        f"seeds {cfg['seeds']}, base "
         f"{cfg['seg']['base']}, depth {cfg['seg']['depth']}, up to {cfg['seg']['steps']} steps (stop rule; "
         f"converged = seeds whose validation Dice levelled off){contrast}; tested on "
         f"{res['num_heldout']} held-out slices of the site's scanner (t1 only: zero t2 there too). Gap "
