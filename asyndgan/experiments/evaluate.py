@@ -54,6 +54,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator-seed", type=int, default=0)
     p.add_argument("--gen-steps", type=int, help="override: generator steps (the cap; G stops earlier once converged)")
     p.add_argument("--budget-minutes", type=float, help="G's training time budget per generator (default: none)")
+    p.add_argument(
+        "--g-patience", type=int, help="G stops after this many 50-step windows without a 1 %% gain (default 3)"
+    )
     p.add_argument("--gen-batch", type=int, help="override: generator batch per site")
     p.add_argument("--ngf", type=int, help="override: generator width")
     p.add_argument("--ndf", type=int, help="override: discriminator width")
@@ -113,6 +116,7 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     """``s`` with the override flags that were given."""
     given = {"gen_steps": a.gen_steps, "gen_batch": a.gen_batch, "ngf": a.ngf, "ndf": a.ndf}
     given["gen_budget_minutes"] = a.budget_minutes
+    given["gen_patience"] = a.g_patience
     given["curve_points"] = a.curve_points
     given["codec"] = a.codec
     given["grad_codec"] = a.grad_codec

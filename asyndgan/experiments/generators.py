@@ -123,7 +123,8 @@ def _train_generator_run(
     snaps = setting.snapshot_steps() if kind == "asyndgan" else [setting.gen_steps]
     res = GeneratorRun(kind, [], [], {}, np.empty(0, np.float32), torch.get_num_threads())
     channels = list(range(len(sites[0].modalities)))
-    rule = GStopRule(budget_s=setting.gen_budget_minutes * 60 if setting.gen_budget_minutes else math.inf)
+    budget = setting.gen_budget_minutes * 60 if setting.gen_budget_minutes else math.inf
+    rule = GStopRule(patience=setting.gen_patience, budget_s=budget)
 
     def on_snapshot(step: int, seconds: float, gen: GeneratorTrainer) -> None:
         res.steps.append(step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from asyndgan.algorithm import Dropped, StepOutcome, TrainConfig
 from asyndgan.experiments import eval_progress
 from asyndgan.experiments.convergence import GStopRule, site_l1
+from asyndgan.experiments.evaluate import add_eval_flags, settings_from_args
 from asyndgan.experiments.generators import train_generator
+from asyndgan.experiments.settings import default_settings
 from asyndgan.local import LocalRun
 from asyndgan.messages import LossTerm, StepAnswer
 from asyndgan.nets import NetConfig
@@ -68,3 +71,12 @@ def test_training_ends_where_the_rule_fires_with_a_last_snapshot(monkeypatch: py
     )  # fmt: skip
     assert gen.steps == 1 and snaps == [1] and rule.reason == "budget"
     assert sum(units) == 10 * eval_progress.GEN_STEP_UNITS  # the eval's progress counts the cap as done
+
+
+def test_g_patience_flag_reaches_the_setting() -> None:
+    p = argparse.ArgumentParser()
+    add_eval_flags(p)
+    (hard,) = settings_from_args(p.parse_args(["--setting", "hard", "--g-patience", "6"]))
+    assert hard.gen_patience == 6 and default_settings()["hard"].gen_patience == 3
+    with pytest.raises(ValueError, match="gen_patience"):
+        settings_from_args(p.parse_args(["--setting", "hard", "--g-patience", "0"]))
