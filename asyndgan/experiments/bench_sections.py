@@ -269,8 +269,9 @@ def synthesize_section(run: BenchRun) -> None:
             "generator service's process; vs_forward = images/s over the faster forward pass."
         ],
     )
-    first = next(r for r in res["rows"] if r["path"] == f"Synthesize stream ({synth_codecs[0]} images, client process)")
-    run.targets.append(target(f"Synthesize / forward pass ({synth_codecs[0]})", first["vs_forward"], 0.95, True))
+    # the first codec, judged by the slower of its two clients (own process, in the server's process)
+    first = [r["vs_forward"] for r in res["rows"] if r["path"].startswith(f"Synthesize stream ({synth_codecs[0]} ")]
+    run.targets.append(target(f"Synthesize / forward pass ({synth_codecs[0]}, slower client)", min(first), 0.95, True))
 
 
 # in the order they run

@@ -84,7 +84,5 @@ def test_synthesize_section_times_a_client_process_and_an_in_process_client(tmp_
     ]
     assert all(r["images_per_s"] > 0 for r in res["synthesize"]["rows"])
     (goal,) = res["targets"]
-    assert (
-        goal["target"] == "Synthesize / forward pass (f32)"
-        and goal["value"] == res["synthesize"]["rows"][2]["vs_forward"]
-    )
+    slower = min(r["vs_forward"] for r in res["synthesize"]["rows"][2:])
+    assert goal["target"] == "Synthesize / forward pass (f32, slower client)" and goal["value"] == slower
