@@ -56,7 +56,7 @@ class SegConfig:
     crop: int = 0  # train on random crop x crop patches (0 = whole slices); evaluation always uses whole slices
     intensity: tuple[int, ...] = ()  # positions in ``channels`` given random contrast (:func:`random_contrast`)
     contrast: bool = False  # random contrast on every channel (overrides ``intensity``)
-    dropout: float = 0.0  # chance that a sample's ``intensity`` channels are zeroed instead (modality dropout)
+    dropout: float = 0.0  # chance that a sample's augmented channels are zeroed instead (modality dropout)
     norm: str = "batch"  # "batch", "group" (GroupNorm, 4 channels per group) or "instance"
     class_weighting: bool = True  # cross-entropy weights 1/sqrt(class frequency in the training set), mean 1
     val_every: int = 50  # validation Dice every this many steps (0: no validation, train ``steps`` steps)
