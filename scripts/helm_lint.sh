@@ -73,7 +73,12 @@ done
 grep -q 'kind: Service$' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a Service"
 grep -q 'port: 53$' "$OUT/dialout-ip-nodns.yaml" && die "dialout-ip-nodns allows DNS egress"
 grep -q 'helm.sh/hook: test' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a helm test Pod"
-log "helm lint --strict + helm template: ${#examples[@]} examples, ${#variants[@]} dial-out variants"
+# A generator for sites across a WAN: 8-bit gradients and the pipelined step (its args go through the CLI below).
+wan=(-f deploy/k8s/examples/generator.yaml --set generator.gradCodec=q8+zstd --set generator.pipeline=true)
+"$HELM" lint --strict --quiet "$CHART" "${wan[@]}" >"$OUT/lint-generator-wan.txt" 2>&1 || { cat "$OUT/lint-generator-wan.txt" >&2; die "helm lint generator-wan"; }
+"$HELM" template generator-wan "$CHART" "${wan[@]}" --namespace asyndgan-generator-wan >"$OUT/generator-wan.yaml"
+grep -q -- '- --pipeline$' "$OUT/generator-wan.yaml" || die "generator-wan renders no --pipeline"
+log "helm lint --strict + helm template: ${#examples[@]} examples, ${#variants[@]} dial-out variants, a WAN generator"
 for v in $KUBE_VERSIONS; do
     "$KV" --strict -k "$v" "$OUT"/*.yaml >"$OUT/kv-$v.txt" 2>&1 || { cat "$OUT/kv-$v.txt" >&2; die "kubernetes-validate $v"; }
     # A resource without a schema is only a warning for kubernetes-validate; here only the known CRDs may lack one.
