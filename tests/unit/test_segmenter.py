@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from asyndgan.data import SiteData
+from asyndgan.experiments.datasets import LoadedSetting
 from asyndgan.experiments.evaluate import add_eval_flags, settings_from_args
+from asyndgan.experiments.evaluation import _sized
 from asyndgan.experiments.segmenter import SegConfig, random_contrast, split_validation, train_segmenter
 from asyndgan.experiments.settings import default_settings
 from tests.conftest import make_site
@@ -85,6 +87,8 @@ def test_seg_contrast_flag_keeps_the_task_sizing_and_reaches_every_channel(one_t
     (custom,) = settings_from_args(p.parse_args(["--site", "embedded:icbm152?site=0&of=3", "--seg-contrast"]))
     assert custom.seg.contrast and custom.seg_from_task  # still sized from the task, contrast kept
     data = make_site("s", n=12, size=16)
+    sized = _sized(custom, LoadedSetting([data], data, data.modalities, data.num_classes))
+    assert sized.seg.contrast and sized.seg.steps == SegConfig.for_task(data.num_classes, 16, 12).steps
     two = SiteData("two", data.labels, np.concatenate([data.images, data.images], 1), ("a", "b"), data.num_classes)
     cfg = dataclasses.replace(CFG, steps=3, val_every=0)
 
