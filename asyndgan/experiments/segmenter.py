@@ -219,12 +219,13 @@ def random_contrast(
     n, k = len(x), len(chans)
     gamma = np.exp(rng.uniform(np.log(GAMMA[0]), np.log(GAMMA[1]), (n, k)))
     gain = rng.uniform(*BRIGHTNESS, (n, k))
-    keep = (rng.random(n) >= dropout)[:, None] if dropout else np.ones((n, 1), bool)
-    out = x.clone()
-    sel = out[:, list(chans)]
-    x01 = ((sel + 1) / 2).clamp(0, 1) ** torch.from_numpy(gamma).float()[..., None, None]
+    idx = list(chans)
+    x01 = ((x[:, idx] + 1) / 2).clamp(0, 1) ** torch.from_numpy(gamma).float()[..., None, None]
     new = (x01 * torch.from_numpy(gain).float()[..., None, None] * 2 - 1).clamp(-1, 1)
-    out[:, list(chans)] = new * torch.from_numpy(keep).float()[..., None, None]
+    if dropout:
+        new = new * torch.from_numpy(rng.random(n) >= dropout).float()[:, None, None, None]
+    out = x.clone()
+    out[:, idx] = new
     return out
 
 
