@@ -40,6 +40,7 @@ import torch
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import SiteData, load_site
+from asyndgan.data.embedded import ORIENTS
 from asyndgan.experiments.convergence import GStopRule
 from asyndgan.experiments.datasets import restrict
 from asyndgan.experiments.generators import synthesize_all, train_generator
@@ -204,12 +205,20 @@ def _markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(head + rep.md)
 
 
+def _orientations(text: str) -> str:
+    """``--orient``: comma-separated orientations of the embedded data (a one-line error otherwise)."""
+    bad = [o for o in text.split(",") if o not in ORIENTS]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"unknown orientation {bad[0] if bad else text!r}; use {','.join(ORIENTS)}")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="asyndgan.experiments.completion", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--quick", action="store_true", help="32 px, a few steps (a smoke run, not a result)")
     p.add_argument("--gen-steps", type=int, help="override: generator steps")
-    p.add_argument("--orient", help="override: orientations, e.g. axial,coronal,sagittal")
+    p.add_argument("--orient", type=_orientations, help="override: orientations, e.g. axial,coronal,sagittal")
     p.add_argument("--plain", action="store_true", help="train the synthetic t2 arm like the others (ablation)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     a = p.parse_args(argv)

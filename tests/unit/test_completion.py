@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from asyndgan.data import SiteData
 from asyndgan.experiments.completion import CONDITIONS, _conditions, _test_set, main
@@ -41,3 +42,9 @@ def test_quick_run_writes_a_report(tmp_path: Path) -> None:
     assert res["gap"] == res["dice"]["t1 + real t2"]["mean"] - res["dice"]["t1 only"]["mean"]
     md = (tmp_path / "completion.md").read_text()
     assert "share of the Dice gap" in md and "t1 + synthetic t2" in md
+
+
+def test_a_bad_orientation_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--orient", "axial,sideways"])
+    assert e.value.code == 2 and "unknown orientation 'sideways'" in capsys.readouterr().err
