@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -104,13 +106,26 @@ class Server:
 
 
 def stop_event_on_signals() -> threading.Event:
-    """An event set on SIGTERM/SIGINT (call from the main thread of an entry point)."""
+    """An event set on SIGTERM/SIGINT (call from the main thread of an entry point).
+
+    The handler only writes the signal number to a pipe; a watcher thread sets the event. Setting it in the
+    handler itself can deadlock: the handler runs on the main thread, which may at that moment hold the
+    event's own (non-reentrant) lock inside ``stop.wait()``."""
     event = threading.Event()
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
 
     def handler(signum: int, _frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        event.set()
+        with contextlib.suppress(BlockingIOError):  # a full pipe already holds a signal for the watcher
+            os.write(write_fd, bytes([signum]))
 
+    def watch() -> None:
+        while data := os.read(read_fd, 64):
+            for signum in data:
+                log.info("signal %d: shutting down", signum)
+            event.set()
+
+    threading.Thread(target=watch, name="signal-watcher", daemon=True).start()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return event
