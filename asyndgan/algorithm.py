@@ -9,6 +9,7 @@ the graph it kept and steps. Both the in-process trainer and the gRPC services c
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import threading
@@ -55,6 +56,7 @@ class TrainConfig:
     lambda_d: float = 0.5
     flip: bool = True
     max_shift: int = 2
+    ema: float = 0.0  # G serves an exponential moving average of its weights with this decay (0: G itself)
 
     def validate(self) -> None:
         for name in ("lr_g", "lr_d", "lambda_g", "lambda_d"):
@@ -62,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.lambda_l1 < 0 or self.max_shift < 0:
             raise ValueError("lambda_l1 and max_shift must be >= 0")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema (decay) must be in [0, 1)")
 
 
 def site_seed(seed: int, site_index: int) -> int:
@@ -373,6 +377,9 @@ class GeneratorTrainer:
         self.modalities = tuple(modalities)
         self.G = build_generator(net, num_classes, len(self.modalities), seed, image_size).to(self.device)
         self.opt = _adam(self.G.parameters(), train.lr_g, train)
+        self.ema = train.ema
+        # What synthesize() serves: G, or a moving average of G's weights (not trained, never sent to a site).
+        self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if self.ema else None
         self.max_grad_norm = max_grad_norm
         self.pipeline = pipeline
         self.steps = 0
@@ -385,8 +392,22 @@ class GeneratorTrainer:
 
     @torch.no_grad()
     def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
+        """Images for downstream use: from the weight average when ``ema`` is set, else from G."""
         with self.lock:
-            return self.forward(labels).cpu()
+            served = self.G_ema if self.G_ema is not None else self.G
+            return served(one_hot(labels.to(self.device), self.num_classes)).cpu()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """G_ema <- d * G_ema + (1 - d) * G, with d ramped up as min(ema, (1 + t) / (10 + t)) so that the
+        average is not dominated by the random initial weights in a short run."""
+        if self.G_ema is None:
+            return
+        d = min(self.ema, (1 + self.steps) / (10 + self.steps))
+        for avg, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
+            avg.lerp_(p, 1 - d)
+        for buf, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            buf.copy_(b)
 
     def grad_ok(self, grad: torch.Tensor, like: torch.Tensor) -> bool:
         """A site's gradient is usable: right shape, finite, norm within ``max_grad_norm``."""
@@ -419,6 +440,7 @@ class GeneratorTrainer:
                 return outcome
             self.opt.step()
             self.steps += 1
+            self._update_ema()
             outcome.generator_loss = sum(
                 w * _total_loss(r.losses) for r, w in zip(results, weights, strict=True) if isinstance(r, StepAnswer)
             )
@@ -473,6 +495,7 @@ class GeneratorTrainer:
     def _state_dict(self) -> dict[str, Any]:
         return {
             "G": self.G.state_dict(),
+            **({"G_ema": self.G_ema.state_dict()} if self.G_ema is not None else {}),
             "opt": self.opt.state_dict(),
             "steps": self.steps,
             "modalities": list(self.modalities),
@@ -484,6 +507,8 @@ class GeneratorTrainer:
         if list(state["modalities"]) != list(self.modalities) or state["num_classes"] != self.num_classes:
             raise ValueError("checkpoint was trained for other modalities or classes")
         self.G.load_state_dict(state["G"])
+        if self.G_ema is not None:  # a checkpoint from a run without the average starts it from G
+            self.G_ema.load_state_dict(state.get("G_ema", state["G"]))
         self.opt.load_state_dict(state["opt"])
         self.steps = int(state["steps"])
         torch.set_rng_state(state["torch_rng"])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from asyndgan import __version__
+from asyndgan.algorithm import TrainConfig
 from asyndgan.cli_flags import (
     EMBEDDED,
     UsageError,
@@ -361,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="forward/send and backward per site, overlapping the sites' round trips (same step; costs G's "
         "batch efficiency; README, Results)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=TrainConfig.ema,
+        metavar="DECAY",
+        help="Synthesize, samples and the held-out L1 use a moving average of G's weights with this decay "
+        "(0 = G itself; checkpoints keep both)",
     )
     p.add_argument("--out", help="write summary.json and samples.png here")
     p.add_argument("--heldout", help="held-out data spec for evaluation (L1)")

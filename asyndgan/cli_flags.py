@@ -4,6 +4,7 @@ sets their defaults from the environment and the config file)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -195,6 +196,8 @@ def generator_config(a: argparse.Namespace) -> GeneratorConfig:
     from asyndgan.services.generator.service import GeneratorConfig
 
     codec_name = a.codec or None
+    train = dataclasses.replace(train_config(a), ema=a.ema)
+    train.validate()  # now, not once the sites are in
     return GeneratorConfig(
         sites=tuple(a.site),
         iterations=a.iterations,
@@ -204,7 +207,7 @@ def generator_config(a: argparse.Namespace) -> GeneratorConfig:
         checkpoint_every=a.checkpoint_every,
         seed=a.seed,
         net=net_config(a),
-        train=train_config(a),
+        train=train,
         orchestrator=OrchestratorConfig(
             step_deadline_s=a.deadline,
             image_codec=codec_name or OrchestratorConfig.image_codec,

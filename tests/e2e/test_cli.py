@@ -138,6 +138,7 @@ def test_multimodal_sites_and_synthesize_complete_a_missing_modality(tmp_path: P
         (["discriminator", "--site-id", "x", "--data", "embedded:icbm152?site=5&of=3"], "site"),
         (["train-local", "--data", "npz:/nonexistent.npz", "--iterations", "1"], "error"),
         (["generator", "--site", "h0=nohostport", "--checkpoint-dir", "/tmp/x"], "NAME=HOST:PORT"),
+        (["generator", "--site", "h0", "--checkpoint-dir", "/tmp/x", "--ema", "1"], "ema (decay) must be in [0, 1)"),
         (
             [
                 "synthesize",

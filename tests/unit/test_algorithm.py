@@ -333,11 +333,53 @@ def test_generator_state_round_trip(tmp_path: Path) -> None:
         generator(modalities=("t1", "t2")).load_state_dict(a.state_dict())
 
 
+def ema_generator(decay: float) -> GeneratorTrainer:
+    return GeneratorTrainer(NET, TrainConfig(ema=decay), num_classes=4, modalities=("t1",), seed=0, image_size=32)
+
+
+def test_ema_follows_g_by_its_ramped_decay_and_is_what_synthesize_serves() -> None:
+    gen, plain = ema_generator(0.9), generator()
+    assert gen.G_ema is not None and plain.G_ema is None
+    avg = params(gen.G).clone()
+    for t in range(1, 6):
+        grads: list[torch.Tensor | None] = [torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(t))]
+        gen.step([labels(2)], [1], FixedExchange(grads))
+        plain.step([labels(2)], [1], FixedExchange(grads))
+        d = min(0.9, (1 + t) / (10 + t))
+        avg = d * avg + (1 - d) * params(gen.G)
+    assert torch.equal(params(gen.G), params(plain.G))  # the average never feeds back into training
+    assert torch.allclose(params(gen.G_ema), avg, atol=1e-6)
+    assert not torch.allclose(params(gen.G_ema), params(gen.G))
+    x = labels(2)
+    with torch.no_grad():
+        from_avg = gen.G_ema(one_hot(x, 4))
+    assert torch.equal(gen.synthesize(x), from_avg)
+    assert torch.equal(plain.synthesize(x), plain.forward(x).detach())
+
+
+def test_ema_is_checkpointed_and_an_old_checkpoint_starts_it_from_g(tmp_path: Path) -> None:
+    a = ema_generator(0.9)
+    for _ in range(3):
+        a.step([labels(2)], [1], FixedExchange([torch.randn(2, 1, 32, 32)]))
+    save_checkpoint(tmp_path / "g.pt", a.state_dict())
+    b = ema_generator(0.9)
+    b.load_state_dict(load_checkpoint(tmp_path / "g.pt"))
+    assert a.G_ema is not None and b.G_ema is not None
+    assert torch.equal(params(a.G_ema), params(b.G_ema))
+    old = {k: v for k, v in a.state_dict().items() if k != "G_ema"}
+    c = ema_generator(0.9)
+    c.load_state_dict(old)
+    assert c.G_ema is not None and torch.equal(params(c.G_ema), params(a.G))
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         TrainConfig(lr_g=0).validate()
     with pytest.raises(ValueError):
         TrainConfig(lambda_l1=-1).validate()
+    for decay in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema"):
+            TrainConfig(ema=decay).validate()
     with pytest.raises(ValueError):
         BatchSampler(make_site(), 0, seed=0)
     assert np.isfinite(CFG.lambda_l1)
