@@ -55,7 +55,9 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-steps", type=int, help="override: generator steps (the cap; G stops earlier once converged)")
     p.add_argument("--budget-minutes", type=float, help="G's training time budget per generator (default: none)")
     p.add_argument(
-        "--g-patience", type=int, help="G stops after this many 50-step windows without a 1 %% gain (default 3)"
+        "--g-patience",
+        type=int,
+        help="G stops after this many 50-step windows without a 1 %% gain (default: easy 3, hard 6)",
     )
     p.add_argument("--gen-batch", type=int, help="override: generator batch per site")
     p.add_argument("--ngf", type=int, help="override: generator width")

@@ -116,6 +116,7 @@ def default_settings(quick: bool = False, sites: int = 3) -> dict[str, Setting]:
             ngf=16,
             ndf=16,
             curve_points=4,
-            seg=SegConfig(crop=64, steps=900),
+            gen_patience=6,  # at 128 px the images keep getting more useful after the sites' L1 levels off
+            seg=SegConfig(crop=64, steps=1200),
         ),
     }
