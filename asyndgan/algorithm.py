@@ -10,14 +10,12 @@ the graph it kept and steps. Both the in-process trainer and the gRPC services c
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -27,10 +25,9 @@ from asyndgan.data import SiteData
 from asyndgan.errors import SiteStepError
 from asyndgan.messages import LossTerm, StepAnswer, TrainingSettings
 from asyndgan.nets import NetConfig, build_discriminator, build_generator, gan_loss, one_hot
+from asyndgan.sampling import Batch, BatchSampler
 
 __all__ = [
-    "Batch",
-    "BatchSampler",
     "Dropped",
     "Exchange",
     "GeneratorTrainer",
@@ -71,89 +68,6 @@ class TrainConfig:
 def site_seed(seed: int, site_index: int) -> int:
     """Seed for site ``site_index`` of a run seeded with ``seed`` (same in-process and distributed)."""
     return (seed * 1_000_003 + 7919 * (site_index + 1)) % (2**31 - 1)
-
-
-@dataclass
-class Batch:
-    """One batch drawn at a site. ``real`` never leaves the site; ``labels`` do."""
-
-    id: int
-    labels: torch.Tensor  # (B, H, W) uint8
-    real: torch.Tensor  # (B, M, H, W) float32 in [-1, 1]
-
-
-def augment(
-    labels: np.ndarray, images: np.ndarray, rng: np.random.Generator, flip: bool, max_shift: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The site's augmentation, applied to label maps (B, H, W) and images (B, M, H, W) together: a random
-    horizontal flip, then a random shift of up to ``max_shift`` pixels (labels padded with 0, images with -1)."""
-    b = len(labels)
-    if flip:
-        flips = rng.random(b) < 0.5
-        labels = np.where(flips[:, None, None], labels[:, :, ::-1], labels)
-        images = np.where(flips[:, None, None, None], images[:, :, :, ::-1], images)
-    if max_shift and b:
-        s = max_shift
-        shifts = rng.integers(-s, s + 1, size=(b, 2))
-        lab_p = np.pad(labels, ((0, 0), (s, s), (s, s)), constant_values=0)
-        img_p = np.pad(images, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=-1.0)
-        h, w = labels.shape[1:]
-        labels = np.stack([lab_p[i, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)])
-        images = np.stack([img_p[i, :, s + dy : s + dy + h, s + dx : s + dx + w] for i, (dy, dx) in enumerate(shifts)])
-    return (
-        torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
-        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
-    )
-
-
-class BatchSampler:
-    """Seeded epoch-wise sampling with site-side augmentation applied to label map and image together."""
-
-    def __init__(self, data: SiteData, batch_size: int, seed: int, flip: bool = True, max_shift: int = 2):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        self.data = data
-        self.batch_size = batch_size
-        self.flip = flip
-        self.max_shift = max_shift
-        self.rng = np.random.Generator(np.random.PCG64(seed))
-        self._order = np.empty(0, dtype=np.int64)
-        self._pos = 0
-        self.next_id = 1
-
-    def _indices(self) -> np.ndarray:
-        out = []
-        need = self.batch_size
-        while need:
-            if self._pos >= len(self._order):
-                self._order = self.rng.permutation(len(self.data))
-                self._pos = 0
-            take = self._order[self._pos : self._pos + need]
-            self._pos += len(take)
-            need -= len(take)
-            out.append(take)
-        return np.concatenate(out)
-
-    def next(self) -> Batch:
-        idx = self._indices()
-        labels, images = augment(self.data.labels[idx], self.data.images[idx], self.rng, self.flip, self.max_shift)
-        batch = Batch(self.next_id, labels, images)
-        self.next_id += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "rng": json.dumps(self.rng.bit_generator.state),
-            "order": torch.from_numpy(self._order.copy()),
-            "pos": self._pos,
-            "next_id": self.next_id,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = json.loads(state["rng"])
-        self._order = state["order"].numpy().astype(np.int64)
-        self._pos = int(state["pos"])
-        self.next_id = int(state["next_id"])
 
 
 def _adam(params: Any, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
@@ -369,9 +283,12 @@ class GeneratorTrainer:
         device: torch.device | str = "cpu",
         max_grad_norm: float = math.inf,
         pipeline: bool = False,
+        stale: bool = False,
     ) -> None:
         net.validate()
         train.validate()
+        if pipeline and stale:
+            raise ValueError("choose the pipelined or the stale step, not both")
         self.device = torch.device(device)
         self.num_classes = num_classes
         self.modalities = tuple(modalities)
@@ -382,6 +299,9 @@ class GeneratorTrainer:
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False) if self.ema else None
         self.max_grad_norm = max_grad_norm
         self.pipeline = pipeline
+        self.stale = stale
+        # stale step: the last batch's labels, site sizes and gradients (None: left out), applied at the next step
+        self._held: tuple[list[torch.Tensor], list[int], list[torch.Tensor | None]] | None = None
         self.steps = 0
         # Held for a whole step (forward, exchange, backward) and by readers of G (Synthesize, checkpoints).
         self.lock = threading.RLock()
@@ -428,9 +348,15 @@ class GeneratorTrainer:
         By default one forward and one backward pass cover all sites. With ``pipeline`` G forwards and sends
         each site in turn (site j computes while G forwards site j+1) and backpropagates each gradient, weighted
         n_j, as soon as it is there; the sum is divided by the n of the sites that answered. Per-sample G
-        (instance norm, no dropout) makes that the same step; it trades G's batch efficiency for overlap."""
+        (instance norm, no dropout) makes that the same step; it trades G's batch efficiency for overlap.
+
+        With ``stale`` (opt-in; it changes the algorithm) G applies each batch's gradients one step late: it
+        sends this batch's images, then backpropagates the previous batch's gradients through G's current
+        weights and steps while the sites work, and holds this batch's answers for the next step."""
         with self.lock:
-            if self.pipeline:
+            if self.stale:
+                results, total = self._stale(labels, sizes, exchange)
+            elif self.pipeline:
                 results, total = self._pipelined(labels, sizes, exchange)
             else:
                 results, total = self._batched(labels, sizes, exchange)
@@ -438,13 +364,41 @@ class GeneratorTrainer:
             outcome = StepOutcome(self.steps, results, weights)
             if total == 0:
                 return outcome
-            self.opt.step()
             self.steps += 1
-            self._update_ema()
+            if not self.stale:  # the stale step has already stepped, for the batch before
+                self._optimizer_step()
             outcome.generator_loss = sum(
                 w * _total_loss(r.losses) for r, w in zip(results, weights, strict=True) if isinstance(r, StepAnswer)
             )
             return outcome
+
+    def _optimizer_step(self) -> None:
+        self.opt.step()
+        self._update_ema()
+
+    def _backward(
+        self,
+        fakes: torch.Tensor,
+        labels: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
+        sizes: Sequence[int],
+    ) -> int:
+        """Backpropagate sum_j n_j * grad_j / sum n_j over the sites with a gradient (None: left out) through
+        ``fakes`` (G of the sites' ``labels``, concatenated); returns that sum of n_j (0: nothing done)."""
+        total = sum(n for n, g in zip(sizes, grads, strict=True) if g is not None)
+        if total:
+            parts = fakes.split([int(t.shape[0]) for t in labels])
+            weighted = [
+                torch.zeros_like(p) if g is None else g.to(self.device, torch.float32) * (n / total)
+                for g, p, n in zip(grads, parts, sizes, strict=True)
+            ]
+            self.opt.zero_grad(set_to_none=True)
+            fakes.backward(torch.cat(weighted))
+        return total
+
+    @staticmethod
+    def _grads(results: Sequence[StepAnswer | Dropped]) -> list[torch.Tensor | None]:
+        return [r.grad if isinstance(r, StepAnswer) else None for r in results]
 
     def _batched(
         self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange
@@ -455,16 +409,27 @@ class GeneratorTrainer:
         for j, part in enumerate(parts):
             exchange.send(j, part.detach().cpu())
         results = [self._usable(exchange.answer(j), p) for j, p in enumerate(parts)]
+        return results, self._backward(fakes, labels, self._grads(results), sizes)
+
+    def _stale(
+        self, labels: Sequence[torch.Tensor], sizes: Sequence[int], exchange: Exchange
+    ) -> tuple[list[StepAnswer | Dropped], int]:
+        """Send this batch (forward without a graph); apply the held batch while the sites work; hold this one."""
+        with torch.no_grad():
+            fakes = self.forward(torch.cat(list(labels)))
+        parts = list(fakes.split([int(t.shape[0]) for t in labels]))
+        for j, part in enumerate(parts):
+            exchange.send(j, part.cpu())
+        if self._held is not None:
+            held_labels, held_sizes, held_grads = self._held
+            if self._backward(self.forward(torch.cat(held_labels)), held_labels, held_grads, held_sizes):
+                self._optimizer_step()
+            self._held = None
+        results = [self._usable(exchange.answer(j), p) for j, p in enumerate(parts)]
         total = sum(n for n, r in zip(sizes, results, strict=True) if isinstance(r, StepAnswer))
         if total:
-            grads = [
-                r.grad.to(self.device, torch.float32) * (n / total)
-                if isinstance(r, StepAnswer)
-                else torch.zeros_like(p)
-                for r, p, n in zip(results, parts, sizes, strict=True)
-            ]
-            self.opt.zero_grad(set_to_none=True)
-            fakes.backward(torch.cat(grads))
+            grads = [None if g is None else g.cpu() for g in self._grads(results)]
+            self._held = ([t.cpu() for t in labels], list(sizes), grads)
         return results, total
 
     def _pipelined(
@@ -501,6 +466,7 @@ class GeneratorTrainer:
             "modalities": list(self.modalities),
             "num_classes": self.num_classes,
             "torch_rng": torch.get_rng_state(),
+            **({"held": self._held} if self._held is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -512,3 +478,7 @@ class GeneratorTrainer:
         self.opt.load_state_dict(state["opt"])
         self.steps = int(state["steps"])
         torch.set_rng_state(state["torch_rng"])
+        held = state.get("held")  # a stale run's batch not yet applied
+        if held is not None and not self.stale:
+            raise ValueError("checkpoint of a --stale run holds a batch not yet applied: resume it with --stale")
+        self._held = held

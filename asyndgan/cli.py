@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from asyndgan import __version__
-from asyndgan.algorithm import TrainConfig
 from asyndgan.cli_flags import (
     EMBEDDED,
     UsageError,
     add_allow_flag,
     add_common,
     add_config_flags,
+    add_generator_step_flags,
     add_metrics_flags,
     add_model_flags,
     add_privacy_flags,
@@ -344,33 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--listen", default="127.0.0.1:50051")
     p.add_argument("--port-file")
-    p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
-    p.add_argument(
-        "--grad-codec",
-        default="",
-        help="codec for the sites' gradients instead of --codec, e.g. q8+zstd (8 bits, error feedback at the site)",
-    )
-    p.add_argument(
-        "--deadline",
-        type=float,
-        default=60.0,
-        help="most seconds a site has per step (adapts below this to each site's latency, floor 5 s)",
-    )
-    p.add_argument("--max-grad-norm", type=float, default=1e3, help="drop a site gradient above this L2 norm")
-    p.add_argument(
-        "--pipeline",
-        action="store_true",
-        help="forward/send and backward per site, overlapping the sites' round trips (same step; costs G's "
-        "batch efficiency; README, Results)",
-    )
-    p.add_argument(
-        "--ema",
-        type=float,
-        default=TrainConfig.ema,
-        metavar="DECAY",
-        help="Synthesize, samples and the held-out L1 use a moving average of G's weights with this decay "
-        "(0 = G itself; checkpoints keep both)",
-    )
+    add_generator_step_flags(p)
     p.add_argument("--out", help="write summary.json and samples.png here")
     p.add_argument("--heldout", help="held-out data spec for evaluation (L1)")
     p.add_argument("--serve", action="store_true", help="keep serving Synthesize after training")

@@ -54,6 +54,44 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(lr_g=a.lr, lr_d=a.lr, lambda_l1=a.lambda_l1)
 
 
+def add_generator_step_flags(p: argparse.ArgumentParser) -> None:
+    """How the generator runs a step: codecs, deadline, gradient check, step variant, weight average."""
+    p.add_argument("--codec", default="", help="codec for images and gradients, e.g. bf16+zstd (default), f32")
+    p.add_argument(
+        "--grad-codec",
+        default="",
+        help="codec for the sites' gradients instead of --codec, e.g. q8+zstd (8 bits, error feedback at the site)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        help="most seconds a site has per step (adapts below this to each site's latency, floor 5 s)",
+    )
+    p.add_argument("--max-grad-norm", type=float, default=1e3, help="drop a site gradient above this L2 norm")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="forward/send and backward per site, overlapping the sites' round trips (same step; costs G's "
+        "batch efficiency; README, Results)",
+    )
+    step.add_argument(
+        "--stale",
+        action="store_true",
+        help="apply each batch's gradients one step late, so that G's backward pass overlaps the sites' work and "
+        "round trips (changes the algorithm: the asynchronous variant; README, Results)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=TrainConfig.ema,
+        metavar="DECAY",
+        help="Synthesize, samples and the held-out L1 use a moving average of G's weights with this decay "
+        "(0 = G itself; checkpoints keep both)",
+    )
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -220,6 +258,7 @@ def generator_config(a: argparse.Namespace) -> GeneratorConfig:
         allowed_clients=tuple(a.allow_client),
         max_grad_norm=a.max_grad_norm,
         pipeline=a.pipeline,
+        stale=a.stale,
         device=a.device,
         min_sites=a.min_sites,
     )

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from asyndgan.algorithm import SiteTrainer, TrainConfig, augment
+from asyndgan.algorithm import SiteTrainer, TrainConfig
 from asyndgan.data import SiteData
 from asyndgan.errors import BudgetExhausted
 from asyndgan.messages import LossTerm, PrivacyState
@@ -42,6 +42,7 @@ from asyndgan.privacy.accountant import Segment, epsilon
 from asyndgan.privacy.dpsgd import accumulate_grads, dp_sgd_gradients, gan_real_loss
 from asyndgan.privacy.ledger import PrivacyLedger
 from asyndgan.privacy.sampling import PoissonSubjectSampler, secure_generator, secure_rng
+from asyndgan.sampling import augment
 
 __all__ = ["LEDGER_FILE", "MODES", "PrivacyConfig", "PrivacyGuard", "calibrate_after", "class_means"]
 

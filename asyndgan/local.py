@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import Batch, Dropped, GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig, site_seed
+from asyndgan.algorithm import Dropped, GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig, site_seed
 from asyndgan.codec import LOSSLESS, Codec, roundtrip
 from asyndgan.data import SiteData
 from asyndgan.errors import BudgetExhausted
@@ -21,6 +21,7 @@ from asyndgan.io import write_json_atomic
 from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig
 from asyndgan.report import Progress, heldout_l1, samples_png, steady_seconds
+from asyndgan.sampling import Batch
 
 __all__ = [
     "InProcessSites",
@@ -43,6 +44,7 @@ class LocalRun:
     batch_size: int = 8
     seed: int = 0
     eval_samples: int = 64
+    stale: bool = False  # G applies each batch's gradients one step late (GeneratorTrainer.step)
 
 
 @dataclass
@@ -111,6 +113,7 @@ def build_trainers(
         modalities=modalities,
         seed=run.seed,
         image_size=min(sites[0].labels.shape[1:]),
+        stale=run.stale,
     )
     return site_trainers, gen
 

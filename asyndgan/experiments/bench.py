@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-sizes", default="64,128", help="image sizes of the emulated-link section")
     p.add_argument("--link-rtts", default="0,20,100", help="round-trip times (ms) of the emulated links")
     p.add_argument("--link-pipeline-rtts", default="0,100", help="RTTs (ms) run again with the generator's --pipeline")
+    p.add_argument("--link-stale-rtts", default="0,100", help="RTTs (ms) run again with the generator's --stale")
     p.add_argument("--link-bandwidth", type=float, default=100.0, help="Mbit/s per site and direction")
     p.add_argument("--link-steps", type=int, default=0, help="steps per link run (0: 30 at 64 px, 20 above)")
     return p
@@ -85,6 +86,7 @@ def _apply_quick(a: argparse.Namespace) -> None:
     a.step_sizes = a.bytes_sizes = "32"
     a.dist_size, a.synth_size = 32, 32
     a.link_sizes, a.link_rtts, a.link_steps, a.link_pipeline_rtts = "32", "0,50", 6, "50"
+    a.link_stale_rtts = "50"
     a.scaling_sites, a.thread_plans, a.dist_repeat = "1,4,16", "0:1", 1
 
 

@@ -223,8 +223,11 @@ def link_section(run: BenchRun) -> None:
     a = run.args
     rtts = [float(v) for v in a.link_rtts.split(",") if v.strip()]
     piped = [float(v) for v in a.link_pipeline_rtts.split(",") if v.strip()]
+    stale = [float(v) for v in a.link_stale_rtts.split(",") if v.strip()]
     per_size = [
-        bench_link(s, rtts, a.link_bandwidth, a.sites, a.link_steps or None, pipeline_rtts_ms=piped)
+        bench_link(
+            s, rtts, a.link_bandwidth, a.sites, a.link_steps or None, pipeline_rtts_ms=piped, stale_rtts_ms=stale
+        )
         for s in ints(a.link_sizes)
     ]
     run.results["link"] = per_size
@@ -243,7 +246,8 @@ def link_section(run: BenchRun) -> None:
             "sees it; site_handling_s = that site's own handling; in_flight_s = the difference (network, gRPC).",
             "step: batched = the default (one forward and one backward pass for all sites); pipelined = "
             "`--pipeline` (per-site forward/send and backward on arrival; then generator_own_s = step - slowest RPC "
-            "is no longer G's own time, part of it overlaps the RPCs).",
+            "is no longer G's own time, part of it overlaps the RPCs); stale = `--stale` (the opt-in asynchronous "
+            "variant: each batch's gradients applied one step late, G's backward overlapping the sites' work).",
         ],
     )
     for s in per_size:

@@ -20,6 +20,10 @@ def pm(d: dict[str, Any], digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
+def _ema_note(cfg: dict[str, Any]) -> str:
+    return f"images from a weight average (decay {cfg['gen_ema']:g}); " if cfg.get("gen_ema") else ""
+
+
 def _heldout_note(cfg: dict[str, Any]) -> str:
     n = len(cfg.get("heldout_specs") or ())
     return f"pooled from {n} held-out spec(s)" if n else "a contiguous block cut from every site"
@@ -64,7 +68,10 @@ def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
         f"G: {cfg['generator']} ngf={cfg['ngf']}, D ndf={cfg['ndf']}, up to {cfg['gen_steps']} steps "
         f"({_g_end(gens)}), batch {cfg['gen_batch']} per site (centralised: {cfg['centralised_batch']}); wire "
         "codecs: fakes "
-        f"{cfg.get('codec', 'f32')}, gradients {cfg.get('grad_codec') or cfg.get('codec', 'f32')}; AsynDGAN G trained "
+        f"{cfg.get('codec', 'f32')}, gradients {cfg.get('grad_codec') or cfg.get('codec', 'f32')}; "
+        f"{'AsynDGAN step: stale (each batch applied one step late); ' if cfg.get('gen_stale') else ''}"
+        f"{_ema_note(cfg)}"
+        "AsynDGAN G trained "
         f"{gens['asyndgan']['seconds']:.0f} s, centralised "
         f"{gens['centralised']['seconds']:.0f} s ({gens['asyndgan']['torch_threads']} "
         "thread(s) each).",

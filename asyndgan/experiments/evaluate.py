@@ -29,6 +29,32 @@ log = logging.getLogger(__name__)
 DESCRIPTION = "segmentation from synthetic vs real data, memorisation audit (docs/evaluation.md)"
 
 
+def _add_generator_flags(p: argparse.ArgumentParser) -> None:
+    """Overrides of how the evaluation's generators train."""
+    p.add_argument("--generator-seed", type=int, default=0)
+    p.add_argument("--gen-steps", type=int, help="override: generator steps (the cap; G stops earlier once converged)")
+    p.add_argument("--budget-minutes", type=float, help="G's training time budget per generator (default: none)")
+    p.add_argument(
+        "--g-patience",
+        type=int,
+        help="G stops after this many 50-step windows without a 1 %% gain (default: easy 3, hard 6)",
+    )
+    p.add_argument("--gen-batch", type=int, help="override: generator batch per site")
+    p.add_argument(
+        "--g-ema", type=float, metavar="DECAY", help="both generators' images from a moving average of their weights"
+    )
+    p.add_argument(
+        "--stale", action="store_true", help="AsynDGAN G applies each batch's gradients one step late (opt-in variant)"
+    )
+    p.add_argument("--ngf", type=int, help="override: generator width")
+    p.add_argument("--ndf", type=int, help="override: discriminator width")
+    p.add_argument("--curve-points", type=int, help="override: G snapshots on the (c)/(a) curve")
+    p.add_argument(
+        "--codec", help="override: AsynDGAN's fakes and gradients rounded as this wire codec carries them (default f32)"
+    )
+    p.add_argument("--grad-codec", help="override: the gradients' wire codec instead of --codec (e.g. q4+zstd)")
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     """Flags of ``asyndgan eval`` (the caller adds --threads/--seed/-v or not)."""
     p.add_argument("--setting", action="append", choices=["easy", "hard"], help="embedded settings (default: both)")
@@ -51,22 +77,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="slice size for --site data (embedded settings fix theirs)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (32 px, few steps, one seed)")
     p.add_argument("--seeds", type=int, default=None, help="segmenter seeds 0..N-1 (default 3; quick 1)")
-    p.add_argument("--generator-seed", type=int, default=0)
-    p.add_argument("--gen-steps", type=int, help="override: generator steps (the cap; G stops earlier once converged)")
-    p.add_argument("--budget-minutes", type=float, help="G's training time budget per generator (default: none)")
-    p.add_argument(
-        "--g-patience",
-        type=int,
-        help="G stops after this many 50-step windows without a 1 %% gain (default: easy 3, hard 6)",
-    )
-    p.add_argument("--gen-batch", type=int, help="override: generator batch per site")
-    p.add_argument("--ngf", type=int, help="override: generator width")
-    p.add_argument("--ndf", type=int, help="override: discriminator width")
-    p.add_argument("--curve-points", type=int, help="override: G snapshots on the (c)/(a) curve")
-    p.add_argument(
-        "--codec", help="override: AsynDGAN's fakes and gradients rounded as this wire codec carries them (default f32)"
-    )
-    p.add_argument("--grad-codec", help="override: the gradients' wire codec instead of --codec (e.g. q4+zstd)")
+    _add_generator_flags(p)
     p.add_argument("--seg-steps", type=int, help="override: segmenter steps")
     p.add_argument("--seg-batch", type=int, help="override: segmenter batch")
     p.add_argument("--seg-base", type=int, help="override: segmenter width")
@@ -122,6 +133,8 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     given["curve_points"] = a.curve_points
     given["codec"] = a.codec
     given["grad_codec"] = a.grad_codec
+    given["gen_ema"] = a.g_ema
+    given["gen_stale"] = a.stale or None
     over: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     seg_given = {"steps": a.seg_steps, "batch_size": a.seg_batch, "base": a.seg_base}
     seg_over = {k: v for k, v in seg_given.items() if v is not None}

@@ -135,8 +135,8 @@ def _train_generator_run(
     gen = train_generator(
         train_sites,
         net,
-        TrainConfig(),
-        LocalRun(iterations=setting.gen_steps, batch_size=batch, seed=seed),
+        TrainConfig(ema=setting.gen_ema),
+        LocalRun(setting.gen_steps, batch, seed, stale=setting.gen_stale and kind == "asyndgan"),
         snaps,
         on_snapshot,
         *(

@@ -178,7 +178,8 @@ class _Poller:
         }
 
 
-Variant = tuple[float | None, bool]  # (RTT in ms, None: no proxy; the generator's --pipeline)
+Variant = tuple[float | None, str]  # (RTT in ms, None: no proxy; the generator's step: a key of STEP_FLAGS)
+STEP_FLAGS = {"batched": [], "pipelined": ["--pipeline"], "stale": ["--stale"]}
 
 
 def _generator(
@@ -188,7 +189,7 @@ def _generator(
     sites: _Sites,
     targets: Sequence[int],
     row: str,
-    pipeline: bool,
+    step: str,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One generator run against ``targets`` (ports standing for the sites); its summary and the time split."""
     out = run_dir / row
@@ -199,7 +200,7 @@ def _generator(
         "generator", *flags, "--iterations", str(cfg.iterations), "--checkpoint-dir", str(out / "checkpoints"),
         "--out", str(out), "--listen", "127.0.0.1:0", "--seed", str(cfg.seed),
         "--threads", str(cfg.generator_threads), "--metrics-port", "0", "--metrics-port-file", str(metrics_file),
-        *(["--pipeline"] if pipeline else []),
+        *STEP_FLAGS[step],
     )  # fmt: skip
     with open(out / "generator.log", "wb") as lf:
         proc = subprocess.Popen(args, stdout=lf, stderr=subprocess.STDOUT, env=env)
@@ -232,11 +233,11 @@ def _links(ports: Sequence[int], rtt_ms: float | None, bandwidth_mbit: float) ->
 
 
 def _row(variant: Variant, bandwidth_mbit: float, summary: dict[str, Any], split: dict[str, float]) -> dict[str, Any]:
-    rtt_ms, pipeline = variant
+    rtt_ms, step = variant
     wire = summary["wire_bytes_sent"] + summary["wire_bytes_received"]
     return {
         "link": "direct" if rtt_ms is None else "emulated",
-        "step": "pipelined" if pipeline else "batched",
+        "step": step,
         "rtt_ms": rtt_ms,
         "bandwidth_mbit": None if rtt_ms is None else bandwidth_mbit,
         "seconds_per_step": summary["seconds_per_step_steady"],
@@ -261,11 +262,11 @@ def _rounds(
     procs = _Sites(cfg, run_dir, env)
     try:
         for k in range(repeat):
-            for (rtt, pipe), done in zip(variants, runs, strict=True):
-                name = f"{'direct' if rtt is None else f'rtt{rtt:g}'}{'-pipelined' if pipe else ''}-{k}"
+            for (rtt, step), done in zip(variants, runs, strict=True):
+                name = f"{'direct' if rtt is None else f'rtt{rtt:g}'}{'' if step == 'batched' else f'-{step}'}-{k}"
                 load = os.getloadavg()[0]
-                summary, split = _attempt(cfg, run_dir, env, procs, (rtt, pipe), bandwidth, name)
-                row = _row((rtt, pipe), bandwidth, summary, split)
+                summary, split = _attempt(cfg, run_dir, env, procs, (rtt, step), bandwidth, name)
+                row = _row((rtt, step), bandwidth, summary, split)
                 done.append({**row, "load_1m": [load, os.getloadavg()[0]]})
                 log.info("%d px, %s: %.3f s/step %s", cfg.size, name, done[-1]["seconds_per_step"], split)
     finally:
@@ -282,11 +283,13 @@ def bench_link(
     batch: int = 8,
     repeat: int = 1,
     pipeline_rtts_ms: Sequence[float] = (),
+    stale_rtts_ms: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Steady seconds per generator step over emulated links at each RTT (``bandwidth_mbit`` per site and
-    direction), plus a direct row, with the default (batched) step and, at ``pipeline_rtts_ms``, the pipelined
-    one; ``ratio_to_rtt0`` is relative to the RTT-0 row of the same step through the proxy. With ``repeat`` > 1,
-    interleaved rounds and each row's fastest run (all in ``runs_s_per_step``)."""
+    direction), plus a direct row, with the default (batched) step and, at ``pipeline_rtts_ms`` and
+    ``stale_rtts_ms``, the pipelined and the stale one; ``ratio_to_rtt0`` is relative to the RTT-0 row of the
+    same step through the proxy. With ``repeat`` > 1, interleaved rounds and each row's fastest run (all in
+    ``runs_s_per_step``)."""
     steps = steps or default_steps(size)
     cfg = DemoConfig(
         sites=sites, iterations=steps, size=size, batch_size=batch, subjects=0, privacy="none",
@@ -295,7 +298,8 @@ def bench_link(
     cfg.validate()
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY=OMP_WAIT_POLICY)
     with tempfile.TemporaryDirectory(prefix="link-bench-") as tmp:
-        variants = [(None, False), *((r, False) for r in rtts_ms), *((r, True) for r in pipeline_rtts_ms)]
+        variants: list[Variant] = [(None, "batched"), *((r, "batched") for r in rtts_ms)]
+        variants += [*((r, "pipelined") for r in pipeline_rtts_ms), *((r, "stale") for r in stale_rtts_ms)]
         runs = _rounds(cfg, Path(tmp), env, variants, bandwidth_mbit, max(repeat, 1))
     rows = []
     for r in runs:
@@ -325,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", default="64", help="image sizes, comma-separated")
     p.add_argument("--rtts", default="0,20,100", help="added round-trip times in ms, comma-separated")
     p.add_argument("--pipeline-rtts", default="", help="RTTs (ms) to run again with the generator's --pipeline")
+    p.add_argument("--stale-rtts", default="", help="RTTs (ms) to run again with the generator's --stale")
     p.add_argument("--bandwidth", type=float, default=100.0, help="Mbit/s per site link and direction")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="steps per run (0: 30 at 64 px, 20 above)")
@@ -336,8 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for size in (int(s) for s in a.sizes.split(",") if s.strip()):
         t = time.perf_counter()
-        rtts, pipelined = _floats(a.rtts), _floats(a.pipeline_rtts)
-        results.append(bench_link(size, rtts, a.bandwidth, a.sites, a.steps or None, a.batch_size, a.repeat, pipelined))
+        rtts, piped, stale = _floats(a.rtts), _floats(a.pipeline_rtts), _floats(a.stale_rtts)
+        results.append(
+            bench_link(size, rtts, a.bandwidth, a.sites, a.steps or None, a.batch_size, a.repeat, piped, stale)
+        )
         log.info("%d px done in %.0f s", size, time.perf_counter() - t)
         for r in results[-1]["rows"]:
             log.info("  %s", json.dumps(r))

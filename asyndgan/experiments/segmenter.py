@@ -2,7 +2,7 @@
 
 The segmenter is the measuring instrument of the paper's claim: the same network, trained with the same
 seeded schedule on different training sets (real, synthetic, mixed), is scored on held-out *real* slices.
-Training draws batches with :class:`asyndgan.algorithm.BatchSampler` (seeded; flip and shift applied to
+Training draws batches with :class:`asyndgan.sampling.BatchSampler` (seeded; flip and shift applied to
 label map and image together; optionally random contrast on chosen channels, :func:`random_contrast`),
 loss = cross-entropy + ``dice_weight`` x soft Dice over the foreground classes.
 Stop rule: every ``val_every`` steps the mean Dice on a validation part of its own training set (every k-th
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from asyndgan.algorithm import BatchSampler
 from asyndgan.data import SiteData
+from asyndgan.sampling import BatchSampler
 
 __all__ = [
     "CONTRAST_RANGES",

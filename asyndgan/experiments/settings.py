@@ -26,6 +26,8 @@ class Setting:
     gen_budget_minutes: float = 0.0  # G's training time budget per generator (0: none)
     gen_patience: int = 3  # G stops after this many 50-step windows without a 1 % gain in its sites' L1
     gen_batch: int = 4  # per site per step; the centralised pix2pix draws gen_batch x n_sites per step
+    gen_ema: float = 0.0  # both generators' images from a moving average of their weights (TrainConfig.ema)
+    gen_stale: bool = False  # AsynDGAN G applies each batch's gradients one step late (GeneratorTrainer.step)
     ngf: int = 32
     ndf: int = 32
     generator: str = "auto"
@@ -43,6 +45,8 @@ class Setting:
             raise ValueError(f"setting {self.name}: no site specs")
         if not self.gen_budget_minutes >= 0:  # also refuses NaN
             raise ValueError(f"setting {self.name}: the budget must be >= 0 minutes")
+        if not 0 <= self.gen_ema < 1:
+            raise ValueError(f"setting {self.name}: the weight average's decay must be in [0, 1)")
         if self.gen_steps < 1 or self.gen_batch < 1 or self.curve_points < 1 or self.gen_patience < 1:
             raise ValueError(f"setting {self.name}: gen_steps, gen_batch, gen_patience, curve_points must be >= 1")
         if not 0 < self.holdout_fraction < 1 or self.holdout_gap < 0:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from asyndgan.algorithm import Batch, SiteTrainer, TrainConfig, training_settings
+from asyndgan.algorithm import SiteTrainer, TrainConfig, training_settings
 from asyndgan.codec import LOSSLESS, Codec
 from asyndgan.data import SiteData
 from asyndgan.errors import FailedPrecondition
@@ -22,6 +22,7 @@ from asyndgan.guard import LEDGER_FILE, PrivacyConfig, PrivacyGuard
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint
 from asyndgan.messages import LossTerm, PrivacyState, SiteDescription, SiteStatus, StepAnswer
 from asyndgan.nets import NetConfig
+from asyndgan.sampling import Batch
 
 __all__ = ["Site"]
 

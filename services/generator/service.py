@@ -62,6 +62,7 @@ class GeneratorConfig:
     allowed_clients: tuple[str, ...] = ()  # with tls: certificate names that may call the service (empty: any)
     max_grad_norm: float = 1e3  # a site gradient with a larger L2 norm is left out of the step
     pipeline: bool = False  # per-site forward/backward overlapping the sites' round trips (GeneratorTrainer.step)
+    stale: bool = False  # apply each batch's gradients one step late (GeneratorTrainer.step; changes the algorithm)
     device: str = "cpu"
     eval_samples: int = 64
     min_sites: int = 0  # sites needed to start training (0 = all); later sites join at the next step
@@ -175,6 +176,7 @@ class GeneratorService:
             device=self.cfg.device,
             max_grad_norm=self.cfg.max_grad_norm,
             pipeline=self.cfg.pipeline,
+            stale=self.cfg.stale,
         )
         if state is not None:
             gen.load_state_dict(state)

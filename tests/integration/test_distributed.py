@@ -29,10 +29,10 @@ def params(m: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
-def local_reference(n_sites: int, iterations: int) -> torch.nn.Module:
+def local_reference(n_sites: int, iterations: int, stale: bool = False) -> torch.nn.Module:
     sites = [load_site(site_spec(j, n_sites)) for j in range(n_sites)]
-    result = train_local(sites, None, NET, TRAIN, LocalRun(iterations=iterations, batch_size=BATCH, seed=0), None)
-    return result.generator.G
+    run = LocalRun(iterations=iterations, batch_size=BATCH, seed=0, stale=stale)
+    return train_local(sites, None, NET, TRAIN, run, None).generator.G
 
 
 def run_distributed(
@@ -88,6 +88,26 @@ def test_resume_equals_uninterrupted(tmp_path: Path, one_thread: None) -> None:
         assert svc.gen.steps == K // 2
         svc.train()
         assert torch.equal(params(reference), params(svc.gen.G))
+    finally:
+        svc.stop(grace=0)
+        stop_sites(sites)
+
+
+def test_stale_step_over_grpc_with_a_resume_equals_in_process(tmp_path: Path, one_thread: None) -> None:
+    """--stale through the services, stopped halfway (the held batch is in the checkpoint) and resumed, is the
+    in-process stale run bit for bit, and is not the default step."""
+    reference = local_reference(2, K, stale=True)
+    sites = start_sites(2, tmp_path)
+    svc = GeneratorService.start(generator_config(sites, tmp_path, K // 2, "f32", stale=True))
+    svc.train()
+    svc.stop(grace=0)
+    stop_sites(sites)
+    sites = start_sites(2, tmp_path)
+    svc = GeneratorService.start(generator_config(sites, tmp_path, K, "f32", stale=True, resume=True))
+    try:
+        svc.train()
+        assert svc.gen.steps == K and torch.equal(params(reference), params(svc.gen.G))
+        assert not torch.equal(params(reference), params(local_reference(2, K)))
     finally:
         svc.stop(grace=0)
         stop_sites(sites)

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asyndgan.algorithm import BatchSampler
 from asyndgan.clients.attacks import SliceBook
 from asyndgan.data import load_site
 from asyndgan.experiments import privacy_eval
 from asyndgan.experiments.privacy_passive import IndexedSliceBook
+from asyndgan.sampling import BatchSampler
 
 MODE_KEYS = {"training", "similarity_heldout", "passive", "active", "membership", "memorisation", "utility"}
 TARGETS = {

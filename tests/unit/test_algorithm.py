@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from asyndgan.algorithm import (
-    Batch,
-    BatchSampler,
     Dropped,
     GeneratorTrainer,
     LossTerm,
@@ -21,6 +19,7 @@ from asyndgan.codec import LOSSLESS, Codec, roundtrip
 from asyndgan.io import load_checkpoint, save_checkpoint
 from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig, gan_loss, one_hot
+from asyndgan.sampling import Batch, BatchSampler
 from tests.conftest import make_site
 
 NET = NetConfig(generator="unet_32", ngf=8, ndf=8)
@@ -273,6 +272,52 @@ def test_generator_step_overlaps_the_sites(pipeline: bool) -> None:
     gen.step([labels(2), labels(2), labels(2)], [1, 1, 1], ex)
     assert ex.calls == [("send", 0), ("send", 1), ("send", 2), ("answer", 0), ("answer", 1), ("answer", 2)]
     assert ex.had_grad == ([False, True, True] if pipeline else [False, False, False])
+
+
+def fixed_grads(call: int, dropped: int | None = None) -> list[torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(call)
+    return [None if j == dropped else torch.randn(n, 1, 32, 32, generator=gen) for j, n in enumerate([2, 3])]
+
+
+def test_stale_step_is_the_batched_step_one_call_late() -> None:
+    """With answers that do not depend on the images, the stale step's call k + 1 applies exactly what the batched
+    step's call k does (the held batch goes through the weights that the batched step would have used)."""
+    batched, stale = generator(), generator(stale=True)
+    stale.step([labels(2), labels(3)], [10, 30], FixedExchange(fixed_grads(0)))
+    assert stale.steps == 1 and torch.equal(params(stale.G), params(batched.G))  # nothing applied yet
+    for call in range(3):
+        batched.step(
+            [labels(2), labels(3)], [10, 30], FixedExchange(fixed_grads(call, dropped=1 if call == 1 else None))
+        )
+        nxt = stale.step(
+            [labels(2), labels(3)], [10, 30], FixedExchange(fixed_grads(call + 1, dropped=1 if call == 0 else None))
+        )
+        assert torch.allclose(params(stale.G), params(batched.G), atol=1e-6)
+    assert nxt.weights == [0.25, 0.75] and stale.steps == 4
+
+
+def test_stale_step_backpropagates_the_held_batch_while_the_sites_work() -> None:
+    gen = generator(stale=True)
+    gen.step([labels(2), labels(2)], [1, 1], FixedExchange([torch.ones(2, 1, 32, 32)] * 2))
+    ex = FixedExchange([torch.ones(2, 1, 32, 32)] * 2, gen)
+    gen.step([labels(2), labels(2)], [1, 1], ex)
+    assert ex.calls == [("send", 0), ("send", 1), ("answer", 0), ("answer", 1)]
+    assert ex.had_grad == [True, True]  # the held batch was backpropagated before G waited for an answer
+    with pytest.raises(ValueError, match="not both"):
+        generator(stale=True, pipeline=True)
+
+
+def test_stale_held_batch_is_checkpointed(tmp_path: Path) -> None:
+    a = generator(stale=True)
+    a.step([labels(2)], [1], FixedExchange([torch.randn(2, 1, 32, 32)]))
+    save_checkpoint(tmp_path / "g.pt", a.state_dict())
+    b = generator(stale=True)
+    b.load_state_dict(load_checkpoint(tmp_path / "g.pt"))
+    for g in (a, b):
+        g.step([labels(2)], [1], FixedExchange([torch.ones(2, 1, 32, 32)]))
+    assert torch.equal(params(a.G), params(b.G)) and not torch.equal(params(a.G), params(generator().G))
+    with pytest.raises(ValueError, match="--stale"):
+        generator().load_state_dict(load_checkpoint(tmp_path / "g.pt"))
 
 
 def test_dropped_site_renormalises_weights() -> None:

@@ -76,7 +76,11 @@ def test_training_ends_where_the_rule_fires_with_a_last_snapshot(monkeypatch: py
 def test_g_patience_flag_reaches_the_setting() -> None:
     p = argparse.ArgumentParser()
     add_eval_flags(p)
-    (hard,) = settings_from_args(p.parse_args(["--setting", "hard", "--g-patience", "6"]))
-    assert hard.gen_patience == 6 and default_settings()["hard"].gen_patience == 3
+    (hard,) = settings_from_args(p.parse_args(["--setting", "hard", "--g-patience", "4"]))
+    assert hard.gen_patience == 4 and default_settings()["hard"].gen_patience == 6
+    (easy,) = settings_from_args(p.parse_args(["--setting", "easy", "--stale", "--g-ema", "0.99"]))
+    assert easy.gen_stale and easy.gen_ema == 0.99 and not default_settings()["easy"].gen_stale
+    with pytest.raises(ValueError, match="decay"):
+        settings_from_args(p.parse_args(["--setting", "easy", "--g-ema", "1"]))
     with pytest.raises(ValueError, match="gen_patience"):
         settings_from_args(p.parse_args(["--setting", "hard", "--g-patience", "0"]))
