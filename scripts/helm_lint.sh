@@ -149,6 +149,8 @@ refuse "dial-out egress peer of unknown shape" "/discriminator/networkPolicy/egr
     --set 'discriminator.networkPolicy.egressTo[0].cidr=10.0.0.0/8'
 refuse "minSites above the number of sites" "minSites=2 but only 1 site" --set role=generator \
     --set 'generator.sites[0].name=a' --set generator.minSites=2
+refuse "two step variants" "choose one step variant" --set role=generator --set 'generator.sites[0].name=a' \
+    --set generator.pipeline=true --set generator.stale=true
 refuse "alerts on a discriminator" "generator's release only" "${d[@]}" --set alerts.enabled=true
 refuse "alerts without metrics" "alerts.enabled needs metrics.enabled" --set role=generator \
     --set 'generator.sites[0].name=a' --set alerts.enabled=true --set metrics.enabled=false
