@@ -308,14 +308,17 @@ class GeneratorTrainer:
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """G(one_hot(labels)); the autograd graph is kept for :meth:`step`."""
-        return self.G(one_hot(labels.to(self.device), self.num_classes))
+        return self._run(self.G, labels)
+
+    def _run(self, net: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        return net(one_hot(labels.to(self.device), self.num_classes))
 
     @torch.no_grad()
     def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
         """Images for downstream use: from the weight average when ``ema`` is set, else from G."""
         with self.lock:
             served = self.G_ema if self.G_ema is not None else self.G
-            return served(one_hot(labels.to(self.device), self.num_classes)).cpu()
+            return self._run(served, labels).cpu()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
