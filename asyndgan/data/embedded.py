@@ -41,6 +41,7 @@ requested ones) and then by slice position, ascending.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -224,6 +225,20 @@ def load_embedded(options: dict[str, str], size: int | None = None) -> SiteData:
         from .population import render_population  # imports this module
 
         return render_population(req)
+    return _render_template(req)
+
+
+def load_rescanned(options: dict[str, str], scanner_site: int, size: int | None = None) -> SiteData:
+    """Training site ``site=J``'s own slices (same labels, same order) as site ``scanner_site``'s scanner images
+    them: an experiment's oracle, e.g. the t2 that a generator which learnt hospital K's scanner perfectly would
+    give for site J. The template only (no ``subjects=``)."""
+    req = parse_embedded(options, size)
+    if req.split != "train" or req.subjects is not None:
+        raise DataError("a rescanned site is a training site of the template (site=J&of=N, no subjects=)")
+    if not 0 <= scanner_site < MAX_SITES:
+        raise DataError(f"scanner site {scanner_site} out of range [0, {MAX_SITES - 1}]")
+    label = f"{req.label}-scanner{scanner_site}"
+    req = dataclasses.replace(req, scanner=site_scanner(scanner_site), scanner_code=scanner_site + 1, label=label)
     return _render_template(req)
 
 

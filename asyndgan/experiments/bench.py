@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 PROG = "python -m asyndgan.experiments.bench"
 # Seconds each section took in the reference full run (results/bench.json): the weights of the progress line's ETA.
 SECTION_WEIGHTS = {
-    **{"codec": 12, "step": 28, "bytes": 30, "distributed": 185, "scaling": 79, "synthesize": 11},
-    "link": 300,
+    **{"codec": 12, "step": 28, "bytes": 30, "distributed": 560, "scaling": 79, "synthesize": 30},
+    "link": 860,
 }
 
 
@@ -42,14 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/bench.json", help="JSON results; .md and bytes.png go beside it")
     p.add_argument("--quick", action="store_true", help="small sizes and few steps, for a smoke run (< 2 min)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--steps", type=int, default=20, help="steps of the in-process and distributed runs (3 warm-up)")
+    p.add_argument("--steps", type=int, default=40, help="steps of the in-process and distributed runs (3 warm-up)")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--step-sizes", default="64,128", help="image sizes of the in-process step section")
     p.add_argument("--bytes-sizes", default="64,128", help="image sizes of the bytes section")
     p.add_argument("--bytes-steps", type=int, default=5, help="training steps whose messages are measured")
     p.add_argument("--dist-size", type=int, default=64, help="image size of the distributed run")
-    p.add_argument("--dist-repeat", type=int, default=2, help="interleaved rounds of in-process and distributed runs")
+    p.add_argument(
+        "--dist-repeat", type=int, default=4, help="interleaved rounds of in-process and distributed runs (best of)"
+    )
     p.add_argument(
         "--thread-plans",
         default="0:1,0:1:passive",
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-size", type=int, default=64)
     p.add_argument("--synth-batch", type=int, default=16)
     p.add_argument("--synth-requests", type=int, default=16)
-    p.add_argument("--synth-repeat", type=int, default=3)
+    p.add_argument("--synth-repeat", type=int, default=7, help="Synthesize runs per client (best of)")
     p.add_argument("--synth-codecs", default="f32,bf16+zstd", help="image codecs the Synthesize client asks for")
     p.add_argument("--link-sizes", default="64,128", help="image sizes of the emulated-link section")
     p.add_argument("--link-rtts", default="0,20,100", help="round-trip times (ms) of the emulated links")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-stale-rtts", default="0,100", help="RTTs (ms) run again with the generator's --stale")
     p.add_argument("--link-bandwidth", type=float, default=100.0, help="Mbit/s per site and direction")
     p.add_argument("--link-steps", type=int, default=0, help="steps per link run (0: 30 at 64 px, 20 above)")
+    p.add_argument("--link-repeat", type=int, default=2, help="interleaved rounds per link variant (best of)")
     return p
 
 
@@ -87,7 +90,7 @@ def _apply_quick(a: argparse.Namespace) -> None:
     a.dist_size, a.synth_size = 32, 32
     a.link_sizes, a.link_rtts, a.link_steps, a.link_pipeline_rtts = "32", "0,50", 6, "50"
     a.link_stale_rtts = "50"
-    a.scaling_sites, a.thread_plans, a.dist_repeat = "1,4,16", "0:1", 1
+    a.scaling_sites, a.thread_plans, a.dist_repeat, a.link_repeat = "1,4,16", "0:1", 1, 1
 
 
 def _machine(n_cores: int) -> dict[str, Any]:

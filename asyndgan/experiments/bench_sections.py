@@ -226,7 +226,10 @@ def link_section(run: BenchRun) -> None:
     stale = [float(v) for v in a.link_stale_rtts.split(",") if v.strip()]
     per_size = [
         bench_link(
-            s, rtts, a.link_bandwidth, a.sites, a.link_steps or None, pipeline_rtts_ms=piped, stale_rtts_ms=stale
+            *(s, rtts, a.link_bandwidth, a.sites, a.link_steps or None),
+            repeat=a.link_repeat,
+            pipeline_rtts_ms=piped,
+            stale_rtts_ms=stale,
         )
         for s in ints(a.link_sizes)
     ]
@@ -239,8 +242,10 @@ def link_section(run: BenchRun) -> None:
         _LINK_COLUMNS,
         [
             f"`asyndgan.experiments.link_bench`: site processes and a generator process ({s0['threads']}), "
-            "`--privacy none --subjects 0`, steady seconds per step; each site's link adds the RTT (half each way) "
-            "and serialises bytes at the bandwidth (`asyndgan.experiments.linkemu`). direct = no proxy.",
+            "`--privacy none --subjects 0`, steady seconds per step, each row the fastest of "
+            f"{a.link_repeat} interleaved rounds (`runs_s_per_step` in bench.json); each site's link adds the RTT "
+            "(half each way) and serialises bytes at the bandwidth (`asyndgan.experiments.linkemu`). direct = no "
+            "proxy.",
             "Split of a steady step (from the processes' Prometheus histograms): generator_own_s = G's forward, "
             "codecs, aggregation, backward and update; slowest_rpc_s = the slowest site's Step as the generator "
             "sees it; site_handling_s = that site's own handling; in_flight_s = the difference (network, gRPC).",

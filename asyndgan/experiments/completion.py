@@ -9,6 +9,10 @@ scanner's held-out block:
 - ``t1 + synthetic t2``: real t1 + G(its label maps)'s t2, tested on real t1 + real t2;
 - ``t1 + real t2``: real t1 + the real t2 it never had (the ceiling), tested on real t1 + real t2.
 
+And an oracle per other site k (``oracle``): real t1 + the site's own slices' t2 as hospital k's scanner images
+them, trained like the synthetic arm: what a G that rendered the other hospitals' t2 perfectly would give. It
+separates G's error from the scanners' disagreement, which no generator trained on those hospitals can remove.
+
 The segmenters share network, schedule and stop rule. The synthetic t2 is trained as a stand-in (``--plain``
 drops this): random contrast on it (nnU-Net's gamma and brightness ranges), since G's t2 has the other hospitals'
 contrast, not this site's, and modality dropout (:data:`STAND_IN_DROPOUT` of the samples see zero t2), so that
@@ -40,7 +44,8 @@ import torch
 
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import SiteData, load_site
-from asyndgan.data.embedded import ORIENTS
+from asyndgan.data.embedded import ORIENTS, load_rescanned
+from asyndgan.data.spec import parse_spec
 from asyndgan.experiments.convergence import GStopRule
 from asyndgan.experiments.datasets import restrict
 from asyndgan.experiments.generators import synthesize_all, train_generator
@@ -74,6 +79,7 @@ class CompletionConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     seg: SegConfig = field(default_factory=lambda: SegConfig(steps=900))  # the cap; the stop rule ends it earlier
     stand_in: bool = True  # train the synthetic t2 arm with random contrast and modality dropout on t2
+    oracle: bool = True  # also the other hospitals' scanners' real t2 of the site's slices (module docstring)
 
     @staticmethod
     def quick() -> CompletionConfig:
@@ -107,12 +113,27 @@ def _test_set(heldout: SiteData, condition: str) -> SiteData:
     return _two_channel("held-out t1", heldout.labels, t1, np.zeros_like(t1), heldout.num_classes)
 
 
-def _segment(cfg: CompletionConfig, train: dict[str, SiteData], heldout: SiteData) -> dict[str, Any]:
-    """Per condition: Dice per class per seed, and the mean over classes and seeds."""
+def _oracles(cfg: CompletionConfig, site: SiteData) -> dict[str, SiteData]:
+    """Per other site k: the site's real t1 + its own slices' t2 as hospital k's scanner images them."""
+    _, options = parse_spec(cfg.spec(f"site={cfg.missing}"))
+    t1 = site.images[:, :1]
+    out = {}
+    for k in range(cfg.sites):
+        if k != cfg.missing:
+            t2 = load_rescanned(options, k).images[:, 1:2]
+            out[f"t1 + t2 by scanner {k}"] = _two_channel(f"scanner {k} t2", site.labels, t1, t2, site.num_classes)
+    return out
+
+
+def _segment(
+    cfg: CompletionConfig, train: dict[str, SiteData], heldout: SiteData, stand_ins: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Per condition: Dice per class per seed, and the mean over classes and seeds; the conditions named in
+    ``stand_ins`` train their t2 as a stand-in (module docstring) unless ``cfg.stand_in`` is off."""
     out: dict[str, Any] = {}
     stand_in = dataclasses.replace(cfg.seg, intensity=(1,), dropout=STAND_IN_DROPOUT)
     for name, data in train.items():
-        seg = stand_in if cfg.stand_in and name == "t1 + synthetic t2" else cfg.seg
+        seg = stand_in if cfg.stand_in and name in stand_ins else cfg.seg
         per_seed, fits = [], []
         for seed in cfg.seeds:
             model, fit = train_segmenter(data, [0, 1], seg, seed)
@@ -143,9 +164,14 @@ def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
     site = full[cfg.missing]
     synth_train = synthesize_all(gen, site.labels, t2)
     synth_heldout = synthesize_all(gen, heldout.labels, t2)
-    dice = _segment(cfg, _conditions(site, synth_train), heldout)
+    dice = _segment(cfg, _conditions(site, synth_train), heldout, ["t1 + synthetic t2"])
     low, mid, high = (dice[c]["mean"] for c in CONDITIONS)
     gap = high - low
+    oracles = _oracles(cfg, site) if cfg.oracle else {}
+    oracle = _segment(cfg, oracles, heldout, list(oracles))
+    for name, data in oracles.items():
+        oracle[name]["gap_closed"] = (oracle[name]["mean"] - low) / gap if gap > 0 else float("nan")
+        oracle[name]["g_t2_vs_this_t2"] = image_similarity(synth_train, data.images[:, 1:2])
     return {
         "config": dataclasses.asdict(cfg),
         "generator": {"modalities": list(gen.modalities), **training},
@@ -155,6 +181,7 @@ def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
         "dice": dice,
         "gap": gap,
         "gap_closed": (mid - low) / gap if gap > 0 else float("nan"),
+        "oracle": oracle,
         "t2_similarity": {
             "train": image_similarity(synth_train, site.images[:, 1:2]),
             "heldout": image_similarity(synth_heldout, heldout.images[:, 1:2]),
@@ -162,24 +189,33 @@ def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
     }
 
 
-def _per_class(dice: np.ndarray) -> dict[str, float]:
-    return {f"class_{k + 1}": float(v) for k, v in enumerate(dice)}
+def _row(name: str, d: dict[str, Any]) -> dict[str, Any]:
+    """A condition's table row: mean Dice, how many seeds converged, Dice per class (mean over seeds)."""
+    per_class = np.mean(d["per_class_per_seed"], 0)
+    conv = f"{sum(f['converged'] for f in d['training'])}/{len(d['training'])}"
+    classes = {f"class_{k + 1}": float(v) for k, v in enumerate(per_class)}
+    return {"condition": name, "mean_dice": d["mean"], "converged": conv, **classes}
 
 
 def _markdown(res: dict[str, Any], command: str) -> str:
     cfg, closed, g = res["config"], res["gap_closed"], res["generator"]
     rep = Report()
-    rows = []
-    for name in CONDITIONS:
-        d = res["dice"][name]
-        per_class = np.mean(d["per_class_per_seed"], 0)
-        conv = f"{sum(f['converged'] for f in d['training'])}/{len(d['training'])}"
-        rows.append({"condition": name, "mean_dice": d["mean"], "converged": conv, **_per_class(per_class)})
-    classes = [f"class_{k + 1}" for k in range(len(per_class))]
-    cols = ["condition", "mean_dice", "converged", *classes]
+    rows = [_row(name, res["dice"][name]) for name in CONDITIONS]
+    cols = ["condition", "mean_dice", "converged", *(k for k in rows[0] if k.startswith("class_"))]
     rep.section("Segmenter of the site without t2 (its own held-out block)", rows, cols)
     sim = [{"label_maps": k, **v} for k, v in res["t2_similarity"].items()]
     rep.section("G's t2 against the site's real t2 (never seen by G)", sim, ["label_maps", "n", "l1", "psnr", "ssim"])
+    oracle = [
+        {**_row(name, d), "gap_closed": d["gap_closed"], "g_t2_psnr_vs_this_t2": d["g_t2_vs_this_t2"]["psnr"]}
+        for name, d in res.get("oracle", {}).items()
+    ]
+    if oracle:
+        rep.section(
+            "Oracle: the site's own slices' t2 as the other hospitals' scanners image them (a perfect G for them), "
+            "trained like the synthetic arm",
+            oracle,
+            [*cols[:3], "gap_closed", "g_t2_psnr_vs_this_t2"],
+        )
     goal = target("share of the Dice gap (t1 only -> real t2) closed by synthetic t2", closed, GOAL, True)
     rep.section("Targets", [goal], ["target", "value", "goal", "status"])
     contrast = (
@@ -220,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gen-steps", type=int, help="override: generator steps")
     p.add_argument("--orient", type=_orientations, help="override: orientations, e.g. axial,coronal,sagittal")
     p.add_argument("--plain", action="store_true", help="train the synthetic t2 arm like the others (ablation)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the other scanners' real t2 (oracle) arms")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
@@ -231,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, orient=a.orient)
     if a.plain:
         cfg = dataclasses.replace(cfg, stand_in=False)
+    if a.no_oracle:
+        cfg = dataclasses.replace(cfg, oracle=False)
     start = time.perf_counter()
     res = run_completion(cfg)
     wall = time.perf_counter() - start

@@ -40,8 +40,14 @@ def test_quick_run_writes_a_report(tmp_path: Path) -> None:
     recipes = {c: (d["random_contrast_t2"], d["t2_dropout"]) for c, d in res["dice"].items()}
     assert recipes == {"t1 only": (False, 0), "t1 + synthetic t2": (True, 0.5), "t1 + real t2": (False, 0)}
     assert res["gap"] == res["dice"]["t1 + real t2"]["mean"] - res["dice"]["t1 only"]["mean"]
+    # the oracle: site 0's slices through the other two hospitals' scanners, trained like the synthetic arm
+    assert set(res["oracle"]) == {"t1 + t2 by scanner 1", "t1 + t2 by scanner 2"}
+    for d in res["oracle"].values():
+        assert (d["random_contrast_t2"], d["t2_dropout"]) == (True, 0.5) and d["g_t2_vs_this_t2"]["n"] > 0
+        if res["gap"] > 0:
+            assert d["gap_closed"] == pytest.approx((d["mean"] - res["dice"]["t1 only"]["mean"]) / res["gap"])
     md = (tmp_path / "completion.md").read_text()
-    assert "share of the Dice gap" in md and "t1 + synthetic t2" in md
+    assert "share of the Dice gap" in md and "t1 + synthetic t2" in md and "t1 + t2 by scanner 2" in md
 
 
 def test_a_bad_orientation_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from asyndgan.data import DataError, SiteData, embedded_slice_index, load_site, parse_spec, site_scanner
-from asyndgan.data.embedded import GAP, ORIENTS
+from asyndgan.data.embedded import GAP, ORIENTS, load_rescanned
 from asyndgan.data.loaders import nifti_layout, slices_to_volume
 
 RNG = np.random.default_rng(0)
@@ -447,6 +447,23 @@ def test_embedded_heldout_with_a_site_scanner() -> None:
     expected = np.mean(((ref.images[:, 0] + 1) / 2)[brain] ** gamma)
     assert abs(np.mean(((s1.images[:, 0] + 1) / 2)[brain]) - expected) < 0.05
     assert abs(np.mean(((train1.images[:, 0] + 1) / 2)[train1.labels == 3]) - expected) < 0.1
+
+
+def test_a_site_rescanned_by_another_hospitals_scanner() -> None:
+    """``load_rescanned``: site 0's own slices imaged by site 1's scanner (the completion experiment's oracle)."""
+    _, options = parse_spec("embedded:icbm152?site=0&of=3&orient=axial&modalities=t1,t2")
+    own = load_site("embedded:icbm152?site=0&of=3&orient=axial&modalities=t1,t2")
+    assert load_rescanned(options, 0).images.tobytes() == own.images.tobytes()  # its own scanner: itself
+    other = load_rescanned(options, 1)
+    assert other.name == own.name + "-scanner1" and other.modalities == own.modalities
+    np.testing.assert_array_equal(other.labels, own.labels)
+    assert not np.allclose(other.images, own.images, atol=0.02)
+    wm = own.labels == 3  # white matter: site 1's contrast curve shows, as in its held-out rendering
+    held1 = load_site("embedded:icbm152?split=heldout&scanner=1&orient=axial")
+    assert abs(np.mean(other.images[:, 0][wm]) - np.mean(held1.images[:, 0][held1.labels == 3])) < 0.1
+    for bad, needle in (({"subjects": "4"}, "no subjects="), ({}, "out of range")):
+        with pytest.raises(DataError, match=needle):
+            load_rescanned({**options, **bad}, 1 if bad else 64)
 
 
 @pytest.mark.parametrize(
