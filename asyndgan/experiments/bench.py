@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 PROG = "python -m asyndgan.experiments.bench"
 # Seconds each section took in the reference full run (results/bench.json): the weights of the progress line's ETA.
 SECTION_WEIGHTS = {
-    **{"codec": 12, "step": 28, "bytes": 30, "distributed": 560, "scaling": 79, "synthesize": 30},
-    "link": 860,
+    **{"codec": 2, "step": 67, "bytes": 28, "distributed": 510, "scaling": 78, "synthesize": 37},
+    "link": 1022,
 }
 
 
