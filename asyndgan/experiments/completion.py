@@ -155,7 +155,8 @@ def _train_g(cfg: CompletionConfig, sites: list[SiteData]) -> tuple[Any, dict[st
 
 
 def run_completion(cfg: CompletionConfig) -> dict[str, Any]:
-    """Train G with one site lacking t2, then the three segmenters; the gap closed and G's t2 against real."""
+    """Train G with one site lacking t2, then the three conditions' segmenters and the oracles'; the gap closed,
+    and G's t2 against the site's real t2 and against each oracle's."""
     full = [load_site(cfg.spec(f"site={j}")) for j in range(cfg.sites)]
     sites = [restrict(s, ["t1"]) if j == cfg.missing else s for j, s in enumerate(full)]
     heldout = load_site(cfg.spec(f"split=heldout&scanner={cfg.missing}"))
