@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
@@ -13,7 +14,9 @@ from asyndgan.rpc import TlsConfig, make_channel
 from asyndgan.v1 import generator_pb2 as pb
 from asyndgan.v1 import generator_pb2_grpc as pb_grpc
 
-__all__ = ["GeneratorClient"]
+__all__ = ["REQUESTS_AHEAD", "GeneratorClient"]
+
+REQUESTS_AHEAD = 4  # encoded requests queued beyond the replies read (the server reads 3 ahead of its replies)
 
 
 class GeneratorClient:
@@ -37,15 +40,33 @@ class GeneratorClient:
         return self.stub.Status(pb.GeneratorServiceStatusRequest(), timeout=self.timeout)
 
     def stream(self, batches: Iterable[np.ndarray | torch.Tensor]) -> Iterator[tuple[np.ndarray, list[str]]]:
-        """One (images (B, C, H, W) float32 in [-1, 1], modality names) per label batch (B, H, W)."""
-        requests = (
-            pb.SynthesizeRequest(
-                labels=codec.encode(torch.as_tensor(b), codec.LABEL_CODEC), image_codec=self.image_codec
-            )
-            for b in batches
-        )
-        for reply in self.stub.Synthesize(requests, timeout=self.timeout):
-            yield codec.decode(reply.images).numpy(), list(reply.modalities)
+        """One (images (B, C, H, W) float32 in [-1, 1], modality names) per label batch (B, H, W).
+
+        The requests are encoded here, at most :data:`REQUESTS_AHEAD` ahead of the replies read; gRPC's request
+        thread only hands them on. So a failed call leaves no thread inside torch or the codec when the process
+        exits (a daemon thread stopped in C++ code at exit aborts the process: "terminate called ...")."""
+        pending: queue.SimpleQueue[pb.SynthesizeRequest | None] = queue.SimpleQueue()
+        todo = iter(batches)
+
+        def feed(n: int) -> bool:
+            """Queue up to ``n`` more requests; False (and the end mark queued) once ``batches`` is used up."""
+            for _ in range(n):
+                b = next(todo, None)
+                if b is None:
+                    pending.put(None)
+                    return False
+                labels = codec.encode(torch.as_tensor(b), codec.LABEL_CODEC)
+                pending.put(pb.SynthesizeRequest(labels=labels, image_codec=self.image_codec))
+            return True
+
+        more = feed(REQUESTS_AHEAD)
+        try:
+            for reply in self.stub.Synthesize(iter(pending.get, None), timeout=self.timeout):
+                more = more and feed(1)
+                yield codec.decode(reply.images).numpy(), list(reply.modalities)
+        finally:
+            if more:
+                pending.put(None)  # the call ended early: let gRPC's request thread finish
 
     def synthesize(self, labels: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[str]]:
         """All of ``labels`` (N, H, W) -> images (N, C, H, W) and modality names."""

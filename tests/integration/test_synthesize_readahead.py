@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from asyndgan import codec
+from asyndgan.clients.generator_client import REQUESTS_AHEAD, GeneratorClient
 from asyndgan.errors import FailedPrecondition
 from asyndgan.services.generator import servicer as servicer_module
 from asyndgan.services.generator.readahead import ReadAhead
@@ -305,3 +306,46 @@ def test_cancel_mid_stream_leaves_no_background_thread(
         assert not any(ra.alive for ra in instances)
     finally:
         release.set()
+
+
+# -- the Python client -----------------------------------------------------------------------------------
+
+
+class Recorded:
+    """Label batches that record which thread took each one from the iterable."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = batches
+        self.threads: list[str] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for b in self.batches:
+            self.threads.append(threading.current_thread().name)
+            yield b
+
+
+def test_client_encodes_in_its_own_thread_a_bounded_number_ahead(generator: GeneratorService) -> None:
+    """GeneratorClient.stream takes and encodes the batches in the caller's thread, never more than
+    REQUESTS_AHEAD beyond the replies read, and gets every reply in order."""
+    batches = Recorded([labels(i) for i in range(10)])
+    with GeneratorClient(f"127.0.0.1:{generator.server.port}", timeout=WAIT_S) as client:
+        got = 0
+        for img, _ in client.stream(batches):
+            assert len(batches.threads) <= got + 1 + REQUESTS_AHEAD
+            np.testing.assert_allclose(img, expected(generator, batches.batches[got]), atol=1e-5)
+            got += 1
+    assert got == 10 and set(batches.threads) == {threading.current_thread().name}
+
+
+def test_client_whose_call_fails_leaves_no_request_thread_busy(generator: GeneratorService) -> None:
+    """A call that fails (here: the server refuses a bad request) encodes nothing more and ends gRPC's request
+    thread: nothing of the stream is left running when the caller goes on (or the process exits)."""
+    before = {t.ident for t in threading.enumerate()}
+    bad = np.full((2, SIZE, SIZE), 200, np.uint8)  # label values far past the classes: INVALID_ARGUMENT
+    batches = Recorded([bad] + [labels(i) for i in range(20)])
+    with GeneratorClient(f"127.0.0.1:{generator.server.port}", timeout=WAIT_S) as client:
+        with pytest.raises(grpc.RpcError) as e:
+            list(client.stream(batches))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(batches.threads) <= 1 + REQUESTS_AHEAD  # the rest was never encoded
+    wait_until(lambda: not {t.ident for t in threading.enumerate()} - before, "a stream thread was left")
