@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 PROG = "python -m asyndgan.experiments.bench"
 # Seconds each section took in the reference full run (results/bench.json): the weights of the progress line's ETA.
 SECTION_WEIGHTS = {
-    **{"codec": 2, "step": 67, "bytes": 28, "distributed": 510, "scaling": 78, "synthesize": 37},
+    **{"codec": 2, "step": 67, "bytes": 28, "distributed": 510, "scaling": 78, "synthesize": 190},
     "link": 1022,
 }
 
@@ -72,8 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-size", type=int, default=64)
     p.add_argument("--synth-batch", type=int, default=16)
     p.add_argument("--synth-requests", type=int, default=16)
-    p.add_argument("--synth-repeat", type=int, default=7, help="Synthesize runs per client (best of)")
+    p.add_argument("--synth-repeat", type=int, default=7, help="Synthesize rounds, each stream between forward passes")
     p.add_argument("--synth-codecs", default="f32,bf16+zstd", help="image codecs the Synthesize client asks for")
+    p.add_argument(
+        "--synth-omp",
+        default="PASSIVE,default",
+        help="OpenMP wait policies to run Synthesize under, each in a fresh process; the first (the service "
+        "image's) is judged",
+    )
     p.add_argument("--link-sizes", default="64,128", help="image sizes of the emulated-link section")
     p.add_argument("--link-rtts", default="0,20,100", help="round-trip times (ms) of the emulated links")
     p.add_argument("--link-pipeline-rtts", default="0,100", help="RTTs (ms) run again with the generator's --pipeline")
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sections - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    policies = [v for v in a.synth_omp.split(",") if v]
+    if not policies or any(v.upper() not in ("PASSIVE", "ACTIVE", "DEFAULT") for v in policies):
+        p.error(f"--synth-omp takes PASSIVE, ACTIVE or default, comma-separated; got {a.synth_omp!r}")
     n_cores = cores()
     t_start = time.perf_counter()
     results: dict[str, Any] = {

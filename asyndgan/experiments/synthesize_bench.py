@@ -1,15 +1,18 @@
 """Synthesize throughput: images/s through the generator service's Synthesize stream (real gRPC on loopback) vs
 the same generator's forward pass called directly. The client runs in its own process, as a downstream job
-does, and also in the server's process (where its decoding competes with the server for the GIL)."""
+does, and also in the server's process (where its decoding competes with the server for the GIL). Each stream is
+compared with forward passes timed just before and after it (the median over rounds is reported), not best
+against best."""
 
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing as mp
+import os
+import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -25,19 +28,33 @@ from asyndgan.experiments.timing import best_of
 from asyndgan.nets import NetConfig, resolve_generator
 from asyndgan.services.generator.service import GeneratorConfig, GeneratorService
 
-__all__ = ["bench_synthesize"]
+__all__ = ["REFERENCE", "bench_synthesize", "bench_synthesize_with_policy"]
+
+REFERENCE = "forward (worker thread)"  # G's forward pass on a worker thread, as the service runs it
 
 
-def _race(variants: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Per variant its best seconds: one warm-up each, then ``repeat`` interleaved rounds (so a load spike hits
-    every variant alike)."""
+def _paired(
+    reference: Callable[[], object], variants: Mapping[str, Callable[[], object]], repeat: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """After one warm-up of each, ``repeat`` rounds of: reference, v1, reference, v2, ..., reference. Returns
+    (per name, the reference's included, its seconds in every run; per variant, per round, the mean of the two
+    reference runs beside it over its own). A ratio to the runs just before and after cancels the machine's
+    speed drift, which here reaches 15 % within seconds and moves a best-of-each comparison by as much."""
+    reference()
     for fn in variants.values():
         fn()
-    best = dict.fromkeys(variants, math.inf)
+    seconds: dict[str, list[float]] = {REFERENCE: [], **{name: [] for name in variants}}
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeat):
+        before = best_of(reference, 1)
+        seconds[REFERENCE].append(before)
         for name, fn in variants.items():
-            best[name] = min(best[name], best_of(fn, 1))
-    return best
+            took, after = best_of(fn, 1), best_of(reference, 1)
+            seconds[name].append(took)
+            seconds[REFERENCE].append(after)
+            ratios[name].append((before + after) / 2 / took)
+            before = after
+    return seconds, ratios
 
 
 def _client_process(address: str, codec: str, batches: list[np.ndarray], conn: Connection) -> None:
@@ -61,7 +78,7 @@ def _remote(conn: Connection) -> None:
 
 def _time_paths(
     svc: GeneratorService, batches: list[np.ndarray], codecs: Sequence[str], repeat: int
-) -> dict[str, float]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     batch = len(batches[0])
     address = f"127.0.0.1:{svc.server.port}"
     clients = {c: GeneratorClient(address, image_codec=c) for c in codecs}
@@ -81,17 +98,16 @@ def _time_paths(
         for images, _ in client.stream(batches):
             assert images.shape[0] == batch
 
-    # The service runs G in a gRPC worker thread; the forward pass is timed both on this (main) thread and on
-    # a worker thread, and the faster of the two is the reference (they differ by some percent here).
+    # The service runs G on a worker thread: that is the reference. The same forward pass on the main thread
+    # is timed against it like the streams, as a control: its ratio shows what the method reads for no change.
     worker = ThreadPoolExecutor(1, thread_name_prefix="bench-forward")
     variants: dict[str, Callable[[], object]] = {
         "forward (main thread)": forward,
-        "forward (worker thread)": lambda: worker.submit(forward).result(),
         **{f"{c} images, client process": functools.partial(_remote, pipe) for c, pipe in pipes.items()},
         **{f"{c} images, client in the server's process": functools.partial(stream, cl) for c, cl in clients.items()},
     }
     try:
-        return _race(variants, repeat)
+        return _paired(lambda: worker.submit(forward).result(), variants, repeat)
     finally:
         worker.shutdown()
         for c in clients.values():
@@ -103,8 +119,9 @@ def _time_paths(
 
 
 def bench_synthesize(size: int, batch: int, requests: int, repeat: int, codecs: Sequence[str]) -> dict[str, Any]:
-    """Images/s through the generator service's Synthesize stream (client and server in this process, real
-    gRPC on loopback) vs the same generator's forward pass called directly, same batch and threads."""
+    """Per path its best images/s and, over ``repeat`` rounds, its throughput relative to the forward passes
+    timed beside it (median, min, max): the Synthesize stream (real gRPC on loopback, client in its own process
+    and in the server's) vs the same generator's forward pass called directly, same batch and threads."""
     pool, num_classes = label_pool(size)
     site_server = serve_emulated(EmulatedSite("emulated", pool, num_classes, batch, 0.0))
     rng = np.random.default_rng(0)
@@ -118,20 +135,23 @@ def bench_synthesize(size: int, batch: int, requests: int, repeat: int, codecs: 
         )
         svc = GeneratorService.start(cfg)
         try:
-            best = _time_paths(svc, batches, codecs, repeat)
+            seconds, ratios = _time_paths(svc, batches, codecs, repeat)
         finally:
             svc.stop(0)
             site_server.stop(0)
     images = batch * requests
-    reference = min(best["forward (main thread)"], best["forward (worker thread)"])
-    rows = [
-        {
-            "path": f"G {name} in-process" if name.startswith("forward") else f"Synthesize stream ({name})",
-            "images_per_s": images / seconds,
-            "vs_forward": reference / seconds,
-        }
-        for name, seconds in best.items()
-    ]
+    rows = []
+    for name, runs in seconds.items():
+        paired = sorted(ratios.get(name, [1.0]))
+        rows.append(
+            {
+                "path": f"G {name} in-process" if name.startswith("forward") else f"Synthesize stream ({name})",
+                "images_per_s": images / min(runs),
+                "vs_forward": statistics.median(paired),
+                "vs_forward_min": paired[0],
+                "vs_forward_max": paired[-1],
+            }
+        )
     return {
         "size": size,
         "batch": batch,
@@ -140,3 +160,40 @@ def bench_synthesize(size: int, batch: int, requests: int, repeat: int, codecs: 
         "generator": resolve_generator(NetConfig().generator, size),
         "rows": rows,
     }
+
+
+def _child(conn: Connection, threads: int, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(threads)
+    conn.send({"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **bench_synthesize(*args)})
+
+
+def bench_synthesize_with_policy(
+    omp_wait_policy: str, threads: int, size: int, batch: int, requests: int, repeat: int, codecs: Sequence[str]
+) -> dict[str, Any]:
+    """:func:`bench_synthesize` in a fresh process (its client processes too) whose OpenMP runtime starts with
+    ``OMP_WAIT_POLICY=omp_wait_policy`` ("default": unset), as the service image sets it, with ``threads`` torch
+    threads. The policy is read once, when the runtime loads, so it cannot change inside this process."""
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    if omp_wait_policy.lower() == "default":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    try:  # a spawned process inherits this process's environment at start()
+        proc = ctx.Process(target=_child, args=(send, threads, (size, batch, requests, repeat, codecs)))
+        proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
+    send.close()
+    try:
+        result: dict[str, Any] = receive.recv()
+        return result
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"the Synthesize benchmark process ended with exit code {proc.exitcode}") from None
+    finally:
+        proc.join()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 from asyndgan.experiments import bench
 from asyndgan.experiments.bytes_bench import bench_bytes
 from asyndgan.experiments.figures import bytes_png
+from asyndgan.experiments.synthesize_bench import REFERENCE, _paired
 
 
 def test_scaling_section_structure(tmp_path: Path) -> None:
@@ -69,20 +73,53 @@ def test_bytes_section_and_plot(tmp_path: Path) -> None:
 
 def test_synthesize_section_times_a_client_process_and_an_in_process_client(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    threads = torch.get_num_threads()
+    threads, policy = torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY")
     argv = ["--out", str(out), "--sections", "synthesize", "--synth-size", "32", "--synth-batch", "2"]
     try:
-        code = bench.main([*argv, "--synth-requests", "2", "--synth-repeat", "1", "--synth-codecs", "f32"])
+        code = bench.main(
+            [*argv, "--synth-requests", "2", "--synth-repeat", "1", "--synth-codecs", "f32", "--synth-omp", "PASSIVE"]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     res = json.loads(out.read_text())
-    paths = [r["path"] for r in res["synthesize"]["rows"]]
+    (synth,) = res["synthesize"]
+    assert synth["omp_wait_policy"] == "PASSIVE"  # as the process it ran in saw it
+    assert os.environ.get("OMP_WAIT_POLICY") == policy  # this process's is left as it was
+    paths = [r["path"] for r in synth["rows"]]
     assert paths[2:] == [
         "Synthesize stream (f32 images, client process)",
         "Synthesize stream (f32 images, client in the server's process)",
     ]
-    assert all(r["images_per_s"] > 0 for r in res["synthesize"]["rows"])
+    assert all(r["images_per_s"] > 0 for r in synth["rows"])
+    assert paths[:2] == ["G forward (worker thread) in-process", "G forward (main thread) in-process"]
+    assert all(r["vs_forward_min"] <= r["vs_forward"] <= r["vs_forward_max"] for r in synth["rows"])
     (goal,) = res["targets"]
-    slower = min(r["vs_forward"] for r in res["synthesize"]["rows"][2:])
-    assert goal["target"] == "Synthesize / forward pass (f32, slower client)" and goal["value"] == slower
+    slower = min(r["vs_forward"] for r in synth["rows"][2:])
+    assert goal["target"] == "Synthesize / forward pass (f32, slower client, OMP_WAIT_POLICY PASSIVE)"
+    assert goal["value"] == slower
+
+
+def test_synthesize_policies_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--sections", "synthesize", "--synth-omp", "PASSIVE,sleepy"])
+    assert e.value.code == 2
+    assert "--synth-omp takes PASSIVE, ACTIVE or default" in capsys.readouterr().err
+
+
+def test_paired_timing_puts_every_variant_between_two_reference_runs() -> None:
+    calls: list[str] = []
+
+    def run(name: str, seconds: float) -> Callable[[], None]:
+        def call() -> None:
+            calls.append(name)
+            time.sleep(seconds)
+
+        return call
+
+    variants = {"slow": run("slow", 0.06), "same": run("same", 0.02)}
+    seconds, ratios = _paired(run(REFERENCE, 0.02), variants, repeat=2)
+    assert calls == [REFERENCE, "slow", "same"] + 2 * [REFERENCE, "slow", REFERENCE, "same", REFERENCE]
+    assert [len(seconds[n]) for n in (REFERENCE, "slow", "same")] == [6, 2, 2]
+    assert all(0.15 < r < 0.7 for r in ratios["slow"])  # 0.02 s / 0.06 s, sleeps only ever run long
+    assert all(0.5 < r < 2 for r in ratios["same"])
