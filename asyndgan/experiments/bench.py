@@ -37,20 +37,35 @@ SECTION_WEIGHTS = {
 }
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--out", default="results/bench.json", help="JSON results; .md and bytes.png go beside it")
     p.add_argument("--quick", action="store_true", help="small sizes and few steps, for a smoke run (< 2 min)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--steps", type=int, default=40, help="steps of the in-process and distributed runs (3 warm-up)")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--steps", type=_positive, default=40, help="steps of the in-process and distributed runs (3 warm-up)"
+    )
+    p.add_argument("--sites", type=_positive, default=3)
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--step-sizes", default="64,128", help="image sizes of the in-process step section")
     p.add_argument("--bytes-sizes", default="64,128", help="image sizes of the bytes section")
-    p.add_argument("--bytes-steps", type=int, default=5, help="training steps whose messages are measured")
-    p.add_argument("--dist-size", type=int, default=64, help="image size of the distributed run")
+    p.add_argument("--bytes-steps", type=_positive, default=5, help="training steps whose messages are measured")
+    p.add_argument("--dist-size", type=_positive, default=64, help="image size of the distributed run")
     p.add_argument(
-        "--dist-repeat", type=int, default=4, help="interleaved rounds of in-process and distributed runs (best of)"
+        "--dist-repeat",
+        type=_positive,
+        default=4,
+        help="interleaved rounds of in-process and distributed runs (best of)",
     )
     p.add_argument(
         "--thread-plans",
@@ -59,20 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scaling-sites", default="1,2,4,8,16")
     p.add_argument("--scaling-delay", type=float, default=0.2, help="emulated site compute per step (s)")
-    p.add_argument("--scaling-steps", type=int, default=20)
-    p.add_argument("--scaling-size", type=int, default=32)
-    p.add_argument("--scaling-batch", type=int, default=2, help="batch per emulated site (fixed-per-site variant)")
+    p.add_argument("--scaling-steps", type=_positive, default=20)
+    p.add_argument("--scaling-size", type=_positive, default=32)
     p.add_argument(
-        "--scaling-total-batch", type=int, default=16, help="images per step split over the N sites (target variant)"
+        "--scaling-batch", type=_positive, default=2, help="batch per emulated site (fixed-per-site variant)"
     )
-    p.add_argument("--scaling-ngf", type=int, default=8)
+    p.add_argument(
+        "--scaling-total-batch",
+        type=_positive,
+        default=16,
+        help="images per step split over the N sites (target variant)",
+    )
+    p.add_argument("--scaling-ngf", type=_positive, default=8)
     p.add_argument(
         "--scaling-threads", type=int, default=1, help="torch threads of the generator (tiny G: 1 is fastest)"
     )
-    p.add_argument("--synth-size", type=int, default=64)
-    p.add_argument("--synth-batch", type=int, default=16)
-    p.add_argument("--synth-requests", type=int, default=16)
-    p.add_argument("--synth-repeat", type=int, default=7, help="Synthesize rounds, each stream between forward passes")
+    p.add_argument("--synth-size", type=_positive, default=64)
+    p.add_argument("--synth-batch", type=_positive, default=16)
+    p.add_argument("--synth-requests", type=_positive, default=16)
+    p.add_argument(
+        "--synth-repeat", type=_positive, default=7, help="Synthesize rounds, each stream between forward passes"
+    )
     p.add_argument("--synth-codecs", default="f32,bf16+zstd", help="image codecs the Synthesize client asks for")
     p.add_argument(
         "--synth-omp",
@@ -86,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-stale-rtts", default="0,100", help="RTTs (ms) run again with the generator's --stale")
     p.add_argument("--link-bandwidth", type=float, default=100.0, help="Mbit/s per site and direction")
     p.add_argument("--link-steps", type=int, default=0, help="steps per link run (0: 30 at 64 px, 20 above)")
-    p.add_argument("--link-repeat", type=int, default=2, help="interleaved rounds per link variant (best of)")
+    p.add_argument("--link-repeat", type=_positive, default=2, help="interleaved rounds per link variant (best of)")
     return p
 
 

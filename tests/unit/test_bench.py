@@ -100,11 +100,19 @@ def test_synthesize_section_times_a_client_process_and_an_in_process_client(tmp_
     assert goal["value"] == slower
 
 
-def test_synthesize_policies_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--synth-omp", "PASSIVE,sleepy"], "--synth-omp takes PASSIVE, ACTIVE or default"),
+        (["--link-repeat", "0"], "argument --link-repeat: must be a whole number >= 1, got '0'"),
+        (["--synth-requests", "many"], "argument --synth-requests: must be a whole number >= 1, got 'many'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_error_line(flags: list[str], error: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        bench.main(["--sections", "synthesize", "--synth-omp", "PASSIVE,sleepy"])
+        bench.main(["--sections", "synthesize", *flags])
     assert e.value.code == 2
-    assert "--synth-omp takes PASSIVE, ACTIVE or default" in capsys.readouterr().err
+    assert error in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_paired_timing_puts_every_variant_between_two_reference_runs() -> None:
