@@ -6,6 +6,7 @@ against best."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing as mp
 import os
@@ -88,6 +89,7 @@ def _time_paths(
         pipes[c], child = ctx.Pipe()
         procs.append(ctx.Process(target=_client_process, args=(address, c, batches, child), daemon=True))
         procs[-1].start()
+        child.close()  # the client's end lives in the client only: its exit is EOFError here, not a hang
     tensors = [torch.from_numpy(b) for b in batches]
 
     def forward() -> None:
@@ -113,7 +115,8 @@ def _time_paths(
         for c in clients.values():
             c.close()
         for pipe in pipes.values():
-            pipe.send(False)
+            with contextlib.suppress(OSError):  # a client process that has already ended
+                pipe.send(False)
         for p in procs:
             p.join(10)
 
@@ -190,10 +193,11 @@ def bench_synthesize_with_policy(
             os.environ["OMP_WAIT_POLICY"] = saved
     send.close()
     try:
-        result: dict[str, Any] = receive.recv()
-        return result
-    except EOFError:
-        proc.join()
-        raise RuntimeError(f"the Synthesize benchmark process ended with exit code {proc.exitcode}") from None
+        result: dict[str, Any] | None = receive.recv()
+    except EOFError:  # the process ended without sending
+        result = None
     finally:
         proc.join()
+    if result is None:
+        raise RuntimeError(f"the Synthesize benchmark process ended with exit code {proc.exitcode}")
+    return result

@@ -15,7 +15,7 @@ from PIL import Image
 from asyndgan.experiments import bench
 from asyndgan.experiments.bytes_bench import bench_bytes
 from asyndgan.experiments.figures import bytes_png
-from asyndgan.experiments.synthesize_bench import REFERENCE, _paired
+from asyndgan.experiments.synthesize_bench import REFERENCE, _paired, bench_synthesize_with_policy
 
 
 def test_scaling_section_structure(tmp_path: Path) -> None:
@@ -131,3 +131,8 @@ def test_paired_timing_puts_every_variant_between_two_reference_runs() -> None:
     assert [len(seconds[n]) for n in (REFERENCE, "slow", "same")] == [6, 2, 2]
     assert all(0.15 < r < 0.7 for r in ratios["slow"])  # 0.02 s / 0.06 s, sleeps only ever run long
     assert all(0.5 < r < 2 for r in ratios["same"])
+
+
+def test_a_synthesize_process_that_fails_is_one_error() -> None:
+    with pytest.raises(RuntimeError, match="ended with exit code 1"):
+        bench_synthesize_with_policy("default", 1, 32, 2, 2, 1, ["no-such-codec"])
