@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,21 @@ __all__ = ["DemoConfig", "run_demo"]
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded:icbm152"
+
+
+OMP_WAIT_POLICIES = ("PASSIVE", "ACTIVE", "default")  # "default": OMP_WAIT_POLICY unset, OpenMP's own default
+
+
+def is_omp_wait_policy(text: str) -> bool:
+    return text.upper() in (p.upper() for p in OMP_WAIT_POLICIES)
+
+
+def set_omp_wait_policy(env: MutableMapping[str, str], policy: str) -> None:
+    """``OMP_WAIT_POLICY=policy`` in ``env`` (a process's environment); "default" removes it."""
+    if policy.lower() == "default":
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = policy
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,7 @@ class DemoConfig:
     def validate(self) -> None:
         if not 1 <= self.sites <= 16:
             raise ValueError("--sites must be between 1 and 16")
-        if self.omp_wait_policy.upper() not in ("PASSIVE", "ACTIVE", "DEFAULT"):
+        if not is_omp_wait_policy(self.omp_wait_policy):
             raise ValueError("--omp-wait-policy must be PASSIVE, ACTIVE or default")
         if self.privacy not in ("dp", "none") or self.subjects < 0:
             raise ValueError("--privacy must be dp or none and --subjects >= 0")
@@ -159,10 +175,7 @@ def _prepare(cfg: DemoConfig) -> tuple[Path, dict[str, str]]:
     if cfg.tls:
         _make_certs(run_dir, ["generator", *(f"hospital-{j}" for j in range(cfg.sites))])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if cfg.omp_wait_policy.lower() == "default":
-        env.pop("OMP_WAIT_POLICY", None)
-    else:
-        env["OMP_WAIT_POLICY"] = cfg.omp_wait_policy
+    set_omp_wait_policy(env, cfg.omp_wait_policy)
     return run_dir, env
 
 

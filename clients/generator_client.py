@@ -9,7 +9,7 @@ from types import TracebackType
 import numpy as np
 import torch
 
-from asyndgan import codec
+from asyndgan import wire
 from asyndgan.rpc import TlsConfig, make_channel
 from asyndgan.v1 import generator_pb2 as pb
 from asyndgan.v1 import generator_pb2_grpc as pb_grpc
@@ -55,15 +55,15 @@ class GeneratorClient:
                 if b is None:
                     pending.put(None)
                     return False
-                labels = codec.encode(torch.as_tensor(b), codec.LABEL_CODEC)
-                pending.put(pb.SynthesizeRequest(labels=labels, image_codec=self.image_codec))
+                pending.put(wire.synthesize_request_to_proto(torch.as_tensor(b), self.image_codec))
             return True
 
         more = feed(REQUESTS_AHEAD)
         try:
             for reply in self.stub.Synthesize(iter(pending.get, None), timeout=self.timeout):
                 more = more and feed(1)
-                yield codec.decode(reply.images).numpy(), list(reply.modalities)
+                images, modalities = wire.synthetic_batch_from_proto(reply)
+                yield images.numpy(), modalities
         finally:
             if more:
                 pending.put(None)  # the call ended early: let gRPC's request thread finish

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from asyndgan.demo import is_omp_wait_policy
 from asyndgan.experiments.bench_sections import SECTIONS, BenchRun
 from asyndgan.experiments.timing import clock, cores
 from asyndgan.io import write_bytes_atomic, write_json_atomic
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     policies = [v for v in a.synth_omp.split(",") if v]
-    if not policies or any(v.upper() not in ("PASSIVE", "ACTIVE", "DEFAULT") for v in policies):
+    if not policies or not all(is_omp_wait_policy(v) for v in policies):
         p.error(f"--synth-omp takes PASSIVE, ACTIVE or default, comma-separated; got {a.synth_omp!r}")
     n_cores = cores()
     t_start = time.perf_counter()

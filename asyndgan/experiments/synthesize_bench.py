@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from asyndgan.clients.generator_client import GeneratorClient
+from asyndgan.demo import set_omp_wait_policy
 from asyndgan.experiments.datasets import label_pool
 from asyndgan.experiments.emulated import EmulatedSite, serve_emulated
 from asyndgan.experiments.timing import best_of
@@ -178,19 +179,13 @@ def bench_synthesize_with_policy(
     threads. The policy is read once, when the runtime loads, so it cannot change inside this process."""
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    if omp_wait_policy.lower() == "default":
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    saved = os.environ.get("OMP_WAIT_POLICY", "default")
+    set_omp_wait_policy(os.environ, omp_wait_policy)
     try:  # a spawned process inherits this process's environment at start()
         proc = ctx.Process(target=_child, args=(send, threads, (size, batch, requests, repeat, codecs)))
         proc.start()
     finally:
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = saved
+        set_omp_wait_policy(os.environ, saved)
     send.close()
     try:
         result: dict[str, Any] | None = receive.recv()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from asyndgan.algorithm import TrainConfig
+from asyndgan.demo import set_omp_wait_policy
 from asyndgan.experiments.datasets import embedded_sites
 from asyndgan.local import LocalRun, train_local
 from asyndgan.nets import NetConfig
@@ -57,9 +58,8 @@ class ThreadPlan:
 
 
 def _env(passive: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env = dict(os.environ)
+    set_omp_wait_policy(env, "PASSIVE" if passive else "default")
     return env
 
 
