@@ -68,7 +68,7 @@ def cmd_train_local(a: argparse.Namespace) -> int:
         heldout,
         net_config(a),
         train_config(a),
-        LocalRun(iterations=a.iterations, batch_size=a.batch_size, seed=a.seed),
+        LocalRun(iterations=a.iterations, batch_size=a.batch_size, seed=a.seed, site_styles=a.site_styles),
         Path(a.out),
     )
     s = result.summary
@@ -222,7 +222,7 @@ def cmd_synthesize(a: argparse.Namespace) -> int:
     site = load_site(a.labels, size=a.size)
     out = Path(a.out)
     with GeneratorClient(a.generator, tls=tls_config(a), server_name=a.server_name) as client:
-        images, modalities = client.synthesize(site.labels, batch_size=a.batch_size)
+        images, modalities = client.synthesize(site.labels, batch_size=a.batch_size, style=a.style)
     (out / "png").mkdir(parents=True, exist_ok=True)
     for i, (lab, img) in enumerate(zip(site.labels, images, strict=True)):
         Image.fromarray(label_rgb(lab)).save(out / "png" / f"{i:05d}_label.png")
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--out", default="runs/local")
+    p.add_argument("--site-styles", action="store_true", help="G also takes the site whose scanner it renders")
     add_model_flags(p)
     add_common(p)
     p.set_defaults(func=cmd_train_local)
@@ -389,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--style",
+        default="",
+        help="for a generator trained with --site-styles: render this site's scanner style (default: each in turn)",
+    )
     p.add_argument("--server-name", default=None, help="expected TLS name of the generator")
     add_tls_flags(p)
     add_common(p)

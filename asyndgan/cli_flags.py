@@ -83,6 +83,12 @@ def add_generator_step_flags(p: argparse.ArgumentParser) -> None:
         "round trips (changes the algorithm: the asynchronous variant; README, Results)",
     )
     p.add_argument(
+        "--site-styles",
+        action="store_true",
+        help="G also takes the site whose scanner it renders (one input plane per --site, in their order); "
+        "Synthesize then renders a named site's style or every site's in turn (README, Site styles)",
+    )
+    p.add_argument(
         "--ema",
         type=float,
         default=TrainConfig.ema,
@@ -259,6 +265,7 @@ def generator_config(a: argparse.Namespace) -> GeneratorConfig:
         max_grad_norm=a.max_grad_norm,
         pipeline=a.pipeline,
         stale=a.stale,
+        site_styles=a.site_styles,
         device=a.device,
         min_sites=a.min_sites,
     )

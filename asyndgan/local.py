@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import Dropped, GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig, site_seed
+from asyndgan.algorithm import Dropped, SiteTrainer, StepOutcome, TrainConfig, site_seed
 from asyndgan.codec import LOSSLESS, Codec, roundtrip
 from asyndgan.data import SiteData
 from asyndgan.errors import BudgetExhausted
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.io import write_json_atomic
 from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig
@@ -45,6 +46,7 @@ class LocalRun:
     seed: int = 0
     eval_samples: int = 64
     stale: bool = False  # G applies each batch's gradients one step late (GeneratorTrainer.step)
+    site_styles: bool = False  # G also takes the site whose scanner it renders (GeneratorTrainer, styles)
 
 
 @dataclass
@@ -78,7 +80,7 @@ def sample_rows(
     """Figure rows: per site 'label | G(label) per modality'; held-out 'label | real | synthetic'."""
     rows: list[tuple[str, list[np.ndarray]]] = []
     for name, labels in last.items():
-        fakes = gen.synthesize(torch.from_numpy(labels[:2])).numpy()
+        fakes = gen.synthesize(torch.from_numpy(labels[:2]), gen.style_index(name) if gen.styles else None).numpy()
         panels: list[np.ndarray] = []
         for i in range(len(fakes)):
             panels += [labels[i], *fakes[i]]
@@ -114,6 +116,7 @@ def build_trainers(
         seed=run.seed,
         image_size=min(sites[0].labels.shape[1:]),
         stale=run.stale,
+        styles=[s.name for s in sites] if run.site_styles else (),
     )
     return site_trainers, gen
 

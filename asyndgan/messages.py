@@ -141,3 +141,4 @@ class TrainingState:
     generator_loss: float
     wire_bytes_sent: int
     wire_bytes_received: int
+    styles: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ __all__ = [
     "init_weights",
     "one_hot",
     "resolve_generator",
+    "style_condition",
 ]
 
 
@@ -61,6 +62,13 @@ _NORMS: dict[str, Callable[[int], nn.Module]] = {
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, H, W) integer labels -> (B, K, H, W) float32 one-hot condition."""
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def style_condition(cond: torch.Tensor, styles: torch.Tensor, num_styles: int) -> torch.Tensor:
+    """Append ``num_styles`` constant planes to the (B, K, H, W) condition: one-hot of each row's style
+    (``styles``: (B,) indices in [0, num_styles), the site whose scanner G renders)."""
+    planes = F.one_hot(styles.long().to(cond.device), num_styles).to(cond.dtype)
+    return torch.cat([cond, planes[:, :, None, None].expand(-1, -1, *cond.shape[2:])], 1)
 
 
 class ResnetBlock(nn.Module):

@@ -300,6 +300,7 @@ def training_status_to_proto(t: TrainingState) -> gpb.GeneratorServiceStatusResp
         generator_loss=t.generator_loss,
         wire_bytes_sent=t.wire_bytes_sent,
         wire_bytes_received=t.wire_bytes_received,
+        styles=list(t.styles),
     )
 
 
@@ -331,21 +332,26 @@ def training_status_from_proto(m: gpb.GeneratorServiceStatusResponse) -> Trainin
         m.generator_loss,
         m.wire_bytes_sent,
         m.wire_bytes_received,
+        tuple(m.styles),
     )
 
 
-def synthesize_request_to_proto(labels: torch.Tensor, image_codec: str | codec.Codec) -> gpb.SynthesizeRequest:
-    return gpb.SynthesizeRequest(labels=codec.encode(labels, codec.LABEL_CODEC), image_codec=str(image_codec))
+def synthesize_request_to_proto(
+    labels: torch.Tensor, image_codec: str | codec.Codec, style: str = ""
+) -> gpb.SynthesizeRequest:
+    labels_pb = codec.encode(labels, codec.LABEL_CODEC)
+    return gpb.SynthesizeRequest(labels=labels_pb, image_codec=str(image_codec), style=style)
 
 
 def synthesize_request_from_proto(
     m: gpb.SynthesizeRequest, height: int, width: int, num_classes: int
-) -> tuple[torch.Tensor, codec.Codec]:
-    """(label maps, codec for the reply); at most MAX_SYNTH_BATCH maps of the generator's geometry."""
+) -> tuple[torch.Tensor, codec.Codec, str]:
+    """(label maps, codec for the reply, style: "" = every site's in turn); at most MAX_SYNTH_BATCH maps of the
+    generator's geometry."""
     out_codec = codec_from_proto(m.image_codec, codec.LOSSLESS)
     if not m.HasField("labels"):
         raise BadRequest("labels missing")
-    return labels_from_tensor(m.labels, height, width, num_classes, MAX_SYNTH_BATCH), out_codec
+    return labels_from_tensor(m.labels, height, width, num_classes, MAX_SYNTH_BATCH), out_codec, m.style
 
 
 def synthetic_batch_to_proto(

@@ -29,7 +29,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from asyndgan import codec, wire
-from asyndgan.algorithm import GeneratorTrainer, TrainConfig
+from asyndgan.algorithm import TrainConfig
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.messages import SiteDescription, StepAnswer, StepWork
 from asyndgan.nets import NetConfig
 from asyndgan.rpc import TlsConfig, explain_rpc_error, make_channel

@@ -39,8 +39,11 @@ class GeneratorClient:
     def status(self) -> pb.GeneratorServiceStatusResponse:
         return self.stub.Status(pb.GeneratorServiceStatusRequest(), timeout=self.timeout)
 
-    def stream(self, batches: Iterable[np.ndarray | torch.Tensor]) -> Iterator[tuple[np.ndarray, list[str]]]:
-        """One (images (B, C, H, W) float32 in [-1, 1], modality names) per label batch (B, H, W).
+    def stream(
+        self, batches: Iterable[np.ndarray | torch.Tensor], style: str = ""
+    ) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """One (images (B, C, H, W) float32 in [-1, 1], modality names) per label batch (B, H, W); ``style``:
+        the site whose scanner a generator with site styles renders ("" = every site's in turn).
 
         The requests are encoded here, at most :data:`REQUESTS_AHEAD` ahead of the replies read; gRPC's request
         thread only hands them on. So a failed call leaves no thread inside torch or the codec when the process
@@ -55,7 +58,7 @@ class GeneratorClient:
                 if b is None:
                     pending.put(None)
                     return False
-                pending.put(wire.synthesize_request_to_proto(torch.as_tensor(b), self.image_codec))
+                pending.put(wire.synthesize_request_to_proto(torch.as_tensor(b), self.image_codec, style))
             return True
 
         more = feed(REQUESTS_AHEAD)
@@ -68,11 +71,12 @@ class GeneratorClient:
             if more:
                 pending.put(None)  # the call ended early: let gRPC's request thread finish
 
-    def synthesize(self, labels: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, list[str]]:
-        """All of ``labels`` (N, H, W) -> images (N, C, H, W) and modality names."""
+    def synthesize(self, labels: np.ndarray, batch_size: int = 16, style: str = "") -> tuple[np.ndarray, list[str]]:
+        """All of ``labels`` (N, H, W) -> images (N, C, H, W) and modality names (``style``: as :meth:`stream`)."""
         parts: list[np.ndarray] = []
         names: list[str] = []
-        for images, batch_names in self.stream(labels[i : i + batch_size] for i in range(0, len(labels), batch_size)):
+        batches = (labels[i : i + batch_size] for i in range(0, len(labels), batch_size))
+        for images, batch_names in self.stream(batches, style):
             parts.append(images)
             names = batch_names
         return np.concatenate(parts), names

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from asyndgan import codec, wire
-from asyndgan.algorithm import Dropped, GeneratorTrainer, SiteTrainer, TrainConfig
+from asyndgan.algorithm import Dropped, SiteTrainer, TrainConfig
 from asyndgan.data import SiteData
 from asyndgan.experiments.datasets import embedded_sites
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.local import InProcessSites, LocalRun, build_trainers, run_steps
 from asyndgan.messages import SiteDescription, StepAnswer, StepWork
 from asyndgan.nets import NetConfig, build_discriminator, build_generator, resolve_generator

@@ -105,24 +105,30 @@ class LoadedSetting:
     modalities: tuple[str, ...]
     num_classes: int
     shifted: SiteData | None = None
+    heldout_sites: np.ndarray | None = None  # per held-out row: the site whose scanner imaged it (None: unknown)
 
 
-def _load_pooled(specs: Sequence[str], size: int | None, name: str) -> SiteData:
+def _load_pooled(specs: Sequence[str], size: int | None, name: str) -> tuple[SiteData, list[int]]:
+    """The specs' data pooled, and each spec's number of rows."""
     parts = [load_site(spec, size=size) for spec in specs]
     mods = _common_modalities(parts)
-    return pool_sites([restrict(p, mods) for p in parts], name)
+    return pool_sites([restrict(p, mods) for p in parts], name), [len(p) for p in parts]
 
 
 def load_setting(s: Setting) -> LoadedSetting:
-    """Load and check a setting's sites and held-out set(s); keep only the modalities all of them hold."""
+    """Load and check a setting's sites and held-out set(s); keep only the modalities all of them hold. The
+    held-out rows' sites are known when the block is cut from the sites, or when there is one held-out spec per
+    site (the j-th is taken as imaged by site j's scanner, as in the embedded settings)."""
     raw = [load_site(spec, size=s.size) for spec in s.site_specs]
     if s.heldout_specs:
-        held_raw = _load_pooled(s.heldout_specs, s.size, "heldout")
+        held_raw, counts = _load_pooled(s.heldout_specs, s.size, "heldout")
     else:
         cut = [split_contiguous(r, s.holdout_fraction, s.holdout_gap) for r in raw]
         raw = [c[0] for c in cut]
         held_raw = pool_sites([restrict(c[1], _common_modalities([c[1] for c in cut])) for c in cut], "heldout")
-    shifted_raw = _load_pooled(s.shifted_specs, s.size, "shifted") if s.shifted_specs else None
+        counts = [len(c[1]) for c in cut]
+    held_sites = np.repeat(np.arange(len(raw)), counts) if len(counts) == len(raw) else None
+    shifted_raw = _load_pooled(s.shifted_specs, s.size, "shifted")[0] if s.shifted_specs else None
     everyone = [*raw, held_raw, *([shifted_raw] if shifted_raw is not None else [])]
     common = _common_modalities(everyone)
     num_classes = {d.num_classes for d in everyone}
@@ -134,7 +140,7 @@ def load_setting(s: Setting) -> LoadedSetting:
     sites = [restrict(r, common, f"hospital-{j}") for j, r in enumerate(raw)]
     heldout = restrict(held_raw, common, "heldout")
     shifted = restrict(shifted_raw, common, "shifted") if shifted_raw is not None else None
-    return LoadedSetting(sites, heldout, common, num_classes.pop(), shifted)
+    return LoadedSetting(sites, heldout, common, num_classes.pop(), shifted, held_sites)
 
 
 def _common_modalities(data: Sequence[SiteData]) -> tuple[str, ...]:

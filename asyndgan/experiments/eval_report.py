@@ -70,6 +70,7 @@ def _setting_intro(name: str, s: dict[str, Any]) -> list[str]:
         "codecs: fakes "
         f"{cfg.get('codec', 'f32')}, gradients {cfg.get('grad_codec') or cfg.get('codec', 'f32')}; "
         f"{'AsynDGAN step: stale (each batch applied one step late); ' if cfg.get('gen_stale') else ''}"
+        f"{'AsynDGAN G renders each site in its scanner style (site styles); ' if cfg.get('site_styles') else ''}"
         f"{_ema_note(cfg)}"
         "AsynDGAN G trained "
         f"{gens['asyndgan']['seconds']:.0f} s, centralised "

@@ -46,6 +46,12 @@ def _add_generator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stale", action="store_true", help="AsynDGAN G applies each batch's gradients one step late (opt-in variant)"
     )
+    p.add_argument(
+        "--site-styles",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="AsynDGAN G also takes the site whose scanner it renders (default: per setting)",
+    )
     p.add_argument("--ngf", type=int, help="override: generator width")
     p.add_argument("--ndf", type=int, help="override: discriminator width")
     p.add_argument("--curve-points", type=int, help="override: G snapshots on the (c)/(a) curve")
@@ -135,6 +141,7 @@ def _with_overrides(s: Setting, a: argparse.Namespace) -> Setting:
     given["grad_codec"] = a.grad_codec
     given["gen_ema"] = a.g_ema
     given["gen_stale"] = a.stale or None
+    given["site_styles"] = a.site_styles
     over: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     seg_given = {"steps": a.seg_steps, "batch_size": a.seg_batch, "base": a.seg_base}
     seg_over = {k: v for k, v in seg_given.items() if v is not None}

@@ -68,7 +68,7 @@ def _train_generators(
 ) -> tuple[GeneratorRun, GeneratorRun]:
     """The AsynDGAN and the centralised generator (in parallel when there are workers)."""
     g_threads = max(1, opts.threads // 2) if pool is not None else opts.threads
-    args = (data.sites, data.heldout, setting, opts.gen_seed, g_threads, all_labels)
+    args = (data.sites, data.heldout, setting, opts.gen_seed, g_threads, all_labels, data.heldout_sites)
     if pool is not None:
         futs = [pool.submit(generator_task, kind, *args) for kind in ("asyndgan", "centralised")]
         g_async, g_central = (f.result() for f in futs)

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig
+from asyndgan.algorithm import StepOutcome, TrainConfig
 from asyndgan.codec import LOSSLESS, Codec
 from asyndgan.data import SiteData
 from asyndgan.experiments import eval_progress
 from asyndgan.experiments.convergence import GStopRule
 from asyndgan.experiments.datasets import pool_sites
 from asyndgan.experiments.settings import Setting
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.local import InProcessSites, LocalRun, build_trainers, run_steps
 from asyndgan.nets import NetConfig
 
@@ -69,11 +70,19 @@ def train_generator(
 
 
 @torch.no_grad()
-def synthesize_all(gen: GeneratorTrainer, labels: np.ndarray, channels: Sequence[int], batch: int = 32) -> np.ndarray:
-    """G(labels) for every row, channels ``channels`` of G's outputs, float32 in [-1, 1]."""
-    out = [
-        gen.synthesize(torch.from_numpy(labels[i : i + batch]))[:, list(channels)] for i in range(0, len(labels), batch)
-    ]
+def synthesize_all(
+    gen: GeneratorTrainer,
+    labels: np.ndarray,
+    channels: Sequence[int],
+    batch: int = 32,
+    styles: np.ndarray | None = None,
+) -> np.ndarray:
+    """G(labels) for every row, channels ``channels`` of G's outputs, float32 in [-1, 1]; a G with site styles
+    renders row i in style ``styles[i]`` (None: every style in turn)."""
+    out = []
+    for i in range(0, len(labels), batch):
+        rows = None if styles is None or not gen.styles else torch.from_numpy(styles[i : i + batch])
+        out.append(gen.synthesize(torch.from_numpy(labels[i : i + batch]), rows)[:, list(channels)])
     return torch.cat(out).clamp(-1, 1).numpy()
 
 
@@ -103,19 +112,28 @@ def generator_task(
     seed: int,
     threads: int,
     all_labels: np.ndarray,
+    heldout_sites: np.ndarray | None = None,
 ) -> GeneratorRun:
-    """Train the ``kind`` ("asyndgan" or "centralised") generator with ``threads`` torch threads (a pool task)."""
+    """Train the ``kind`` ("asyndgan" or "centralised") generator with ``threads`` torch threads (a pool task).
+    ``all_labels``: the sites' label maps in site order; ``heldout_sites``: per held-out row, the site whose
+    style AsynDGAN G renders it in when the setting has site styles (None: every style in turn)."""
     before = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        return _train_generator_run(kind, sites, heldout, setting, seed, all_labels)
+        return _train_generator_run(kind, sites, heldout, setting, seed, all_labels, heldout_sites)
     finally:
         torch.set_num_threads(before)  # a pooled worker runs segmenters next, with its own thread budget
 
 
 def _train_generator_run(
-    kind: str, sites: list[SiteData], heldout: SiteData, setting: Setting, seed: int, all_labels: np.ndarray
+    kind: str,
+    sites: list[SiteData],
+    heldout: SiteData,
+    setting: Setting,
+    seed: int,
+    all_labels: np.ndarray,
+    heldout_sites: np.ndarray | None,
 ) -> GeneratorRun:
     net = NetConfig(generator=setting.generator, ngf=setting.ngf, ndf=setting.ndf)
     batch = setting.gen_batch * (len(sites) if kind == "centralised" else 1)
@@ -125,18 +143,20 @@ def _train_generator_run(
     channels = list(range(len(sites[0].modalities)))
     budget = setting.gen_budget_minutes * 60 if setting.gen_budget_minutes else math.inf
     rule = GStopRule(patience=setting.gen_patience, budget_s=budget)
+    styled = setting.site_styles and kind == "asyndgan"
+    train_styles = np.repeat(np.arange(len(sites)), [len(s) for s in sites])  # all_labels' rows' sites
 
     def on_snapshot(step: int, seconds: float, gen: GeneratorTrainer) -> None:
         res.steps.append(step)
         res.seconds.append(round(seconds, 3))
-        res.synth_train[step] = synthesize_all(gen, all_labels, channels)
+        res.synth_train[step] = synthesize_all(gen, all_labels, channels, styles=train_styles)
 
     log.info("%s: training %s G for up to %d steps (batch %d)", setting.name, kind, setting.gen_steps, batch)
     gen = train_generator(
         train_sites,
         net,
         TrainConfig(ema=setting.gen_ema),
-        LocalRun(setting.gen_steps, batch, seed, stale=setting.gen_stale and kind == "asyndgan"),
+        LocalRun(setting.gen_steps, batch, seed, stale=setting.gen_stale and kind == "asyndgan", site_styles=styled),
         snaps,
         on_snapshot,
         *(
@@ -146,6 +166,7 @@ def _train_generator_run(
         ),
         rule,
     )
-    res.synth_heldout = synthesize_all(gen, heldout.labels, channels)  # G as it stopped: its last snapshot
+    # G as it stopped (its last snapshot)
+    res.synth_heldout = synthesize_all(gen, heldout.labels, channels, styles=heldout_sites)
     res.training = rule.summary(res.final)
     return res

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import GeneratorTrainer, SiteTrainer, StepOutcome, TrainConfig
+from asyndgan.algorithm import SiteTrainer, StepOutcome, TrainConfig
 from asyndgan.clients.audit import LEAK_AUC, reconstruction_errors, roc_auc
 from asyndgan.data import SiteData
 from asyndgan.experiments.datasets import pool_sites, synthetic_sites
@@ -41,6 +41,7 @@ from asyndgan.experiments.privacy_common import (
 )
 from asyndgan.experiments.privacy_passive import RecordingSites, passive_attack, passive_report
 from asyndgan.experiments.segmentation import SegTask, seg_task
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.guard import PrivacyConfig, PrivacyGuard
 from asyndgan.local import InProcessSites, LocalRun, build_trainers, run_steps
 from asyndgan.nets import NetConfig

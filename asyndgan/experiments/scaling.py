@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyndgan.algorithm import Dropped, GeneratorTrainer, TrainConfig
+from asyndgan.algorithm import Dropped, TrainConfig
 from asyndgan.experiments.datasets import label_pool
 from asyndgan.experiments.emulated import emulated_sites
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.messages import LossTerm, StepAnswer
 from asyndgan.nets import NetConfig
 from asyndgan.services.generator.orchestrator import Orchestrator, OrchestratorConfig, SiteLink

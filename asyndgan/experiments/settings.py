@@ -28,6 +28,7 @@ class Setting:
     gen_batch: int = 4  # per site per step; the centralised pix2pix draws gen_batch x n_sites per step
     gen_ema: float = 0.0  # both generators' images from a moving average of their weights (TrainConfig.ema)
     gen_stale: bool = False  # AsynDGAN G applies each batch's gradients one step late (GeneratorTrainer.step)
+    site_styles: bool = False  # AsynDGAN G also takes the site whose scanner it renders (GeneratorTrainer styles)
     ngf: int = 32
     ndf: int = 32
     generator: str = "auto"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from asyndgan.v1 import tensor_pb2 as asyndgan_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61syndgan/v1/generator.proto\x12\x0b\x61syndgan.v1\x1a\x18\x61syndgan/v1/tensor.proto\"M\n\x11SynthesizeRequest\x12#\n\x06labels\x18\x01 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x13\n\x0bimage_codec\x18\x02 \x01(\t\"M\n\x12SynthesizeResponse\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x12\n\nmodalities\x18\x02 \x03(\t\"\x1f\n\x1dGeneratorServiceStatusRequest\"\xd2\x01\n\tSiteState\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x19\n\x11steps_contributed\x18\x05 \x01(\x04\x12\x15\n\rsteps_dropped\x18\x06 \x01(\x04\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x0f\n\x07privacy\x18\x08 \x01(\t\x12\x15\n\repsilon_spent\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x08\"\x93\x02\n\x1eGeneratorServiceStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0ctarget_steps\x18\x02 \x01(\x04\x12\x10\n\x08training\x18\x03 \x01(\x08\x12%\n\x05sites\x18\x04 \x03(\x0b\x32\x16.asyndgan.v1.SiteState\x12\x12\n\nmodalities\x18\x05 \x03(\t\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05width\x18\x07 \x01(\r\x12\x13\n\x0bnum_classes\x18\x08 \x01(\r\x12\x16\n\x0egenerator_loss\x18\t \x01(\x01\x12\x17\n\x0fwire_bytes_sent\x18\n \x01(\x04\x12\x1b\n\x13wire_bytes_received\x18\x0b \x01(\x04\x32\xc8\x01\n\x10GeneratorService\x12Q\n\nSynthesize\x12\x1e.asyndgan.v1.SynthesizeRequest\x1a\x1f.asyndgan.v1.SynthesizeResponse(\x01\x30\x01\x12\x61\n\x06Status\x12*.asyndgan.v1.GeneratorServiceStatusRequest\x1a+.asyndgan.v1.GeneratorServiceStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61syndgan/v1/generator.proto\x12\x0b\x61syndgan.v1\x1a\x18\x61syndgan/v1/tensor.proto\"\\\n\x11SynthesizeRequest\x12#\n\x06labels\x18\x01 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x13\n\x0bimage_codec\x18\x02 \x01(\t\x12\r\n\x05style\x18\x03 \x01(\t\"M\n\x12SynthesizeResponse\x12#\n\x06images\x18\x01 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x12\n\nmodalities\x18\x02 \x03(\t\"\x1f\n\x1dGeneratorServiceStatusRequest\"\xd2\x01\n\tSiteState\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x19\n\x11steps_contributed\x18\x05 \x01(\x04\x12\x15\n\rsteps_dropped\x18\x06 \x01(\x04\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x0f\n\x07privacy\x18\x08 \x01(\t\x12\x15\n\repsilon_spent\x18\t \x01(\x01\x12\x10\n\x08\x66inished\x18\n \x01(\x08\"\xa3\x02\n\x1eGeneratorServiceStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x14\n\x0ctarget_steps\x18\x02 \x01(\x04\x12\x10\n\x08training\x18\x03 \x01(\x08\x12%\n\x05sites\x18\x04 \x03(\x0b\x32\x16.asyndgan.v1.SiteState\x12\x12\n\nmodalities\x18\x05 \x03(\t\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05width\x18\x07 \x01(\r\x12\x13\n\x0bnum_classes\x18\x08 \x01(\r\x12\x16\n\x0egenerator_loss\x18\t \x01(\x01\x12\x17\n\x0fwire_bytes_sent\x18\n \x01(\x04\x12\x1b\n\x13wire_bytes_received\x18\x0b \x01(\x04\x12\x0e\n\x06styles\x18\x0c \x03(\t2\xc8\x01\n\x10GeneratorService\x12Q\n\nSynthesize\x12\x1e.asyndgan.v1.SynthesizeRequest\x1a\x1f.asyndgan.v1.SynthesizeResponse(\x01\x30\x01\x12\x61\n\x06Status\x12*.asyndgan.v1.GeneratorServiceStatusRequest\x1a+.asyndgan.v1.GeneratorServiceStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyndgan.v1.generator_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SYNTHESIZEREQUEST']._serialized_start=70
-  _globals['_SYNTHESIZEREQUEST']._serialized_end=147
-  _globals['_SYNTHESIZERESPONSE']._serialized_start=149
-  _globals['_SYNTHESIZERESPONSE']._serialized_end=226
-  _globals['_GENERATORSERVICESTATUSREQUEST']._serialized_start=228
-  _globals['_GENERATORSERVICESTATUSREQUEST']._serialized_end=259
-  _globals['_SITESTATE']._serialized_start=262
-  _globals['_SITESTATE']._serialized_end=472
-  _globals['_GENERATORSERVICESTATUSRESPONSE']._serialized_start=475
-  _globals['_GENERATORSERVICESTATUSRESPONSE']._serialized_end=750
-  _globals['_GENERATORSERVICE']._serialized_start=753
-  _globals['_GENERATORSERVICE']._serialized_end=953
+  _globals['_SYNTHESIZEREQUEST']._serialized_end=162
+  _globals['_SYNTHESIZERESPONSE']._serialized_start=164
+  _globals['_SYNTHESIZERESPONSE']._serialized_end=241
+  _globals['_GENERATORSERVICESTATUSREQUEST']._serialized_start=243
+  _globals['_GENERATORSERVICESTATUSREQUEST']._serialized_end=274
+  _globals['_SITESTATE']._serialized_start=277
+  _globals['_SITESTATE']._serialized_end=487
+  _globals['_GENERATORSERVICESTATUSRESPONSE']._serialized_start=490
+  _globals['_GENERATORSERVICESTATUSRESPONSE']._serialized_end=781
+  _globals['_GENERATORSERVICE']._serialized_start=784
+  _globals['_GENERATORSERVICE']._serialized_end=984
 # @@protoc_insertion_point(module_scope)

@@ -25,8 +25,13 @@ class SynthesizeRequest(_message.Message):
 
     LABELS_FIELD_NUMBER: _builtins.int
     IMAGE_CODEC_FIELD_NUMBER: _builtins.int
+    STYLE_FIELD_NUMBER: _builtins.int
     image_codec: _builtins.str
     """Codec for the returned images (e.g. "f32", "bf16+zstd"); empty = "f32"."""
+    style: _builtins.str
+    """For a generator trained with site styles: the site whose scanner style to render (one of the Status
+    `styles`); empty = every site's style in turn (map i in style i mod the number of styles).
+    """
     @_builtins.property
     def labels(self) -> _tensor_pb2.Tensor:
         """Label maps, shape (B, H, W), uint8 class indices."""
@@ -36,10 +41,11 @@ class SynthesizeRequest(_message.Message):
         *,
         labels: _tensor_pb2.Tensor | None = ...,
         image_codec: _builtins.str = ...,
+        style: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_codec", b"image_codec", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_codec", b"image_codec", "labels", b"labels", "style", b"style"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,6 +155,7 @@ class GeneratorServiceStatusResponse(_message.Message):
     GENERATOR_LOSS_FIELD_NUMBER: _builtins.int
     WIRE_BYTES_SENT_FIELD_NUMBER: _builtins.int
     WIRE_BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    STYLES_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     target_steps: _builtins.int
     training: _builtins.bool
@@ -162,6 +169,10 @@ class GeneratorServiceStatusResponse(_message.Message):
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteState]: ...
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def styles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Site styles G renders (a generator trained with site styles; empty: none), in G's order."""
+
     def __init__(
         self,
         *,
@@ -176,10 +187,11 @@ class GeneratorServiceStatusResponse(_message.Message):
         generator_loss: _builtins.float = ...,
         wire_bytes_sent: _builtins.int = ...,
         wire_bytes_received: _builtins.int = ...,
+        styles: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generator_loss", b"generator_loss", "height", b"height", "modalities", b"modalities", "num_classes", b"num_classes", "sites", b"sites", "step", b"step", "target_steps", b"target_steps", "training", b"training", "width", b"width", "wire_bytes_received", b"wire_bytes_received", "wire_bytes_sent", b"wire_bytes_sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generator_loss", b"generator_loss", "height", b"height", "modalities", b"modalities", "num_classes", b"num_classes", "sites", b"sites", "step", b"step", "styles", b"styles", "target_steps", b"target_steps", "training", b"training", "width", b"width", "wire_bytes_received", b"wire_bytes_received", "wire_bytes_sent", b"wire_bytes_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,8 +29,9 @@ import torch
 from google.protobuf.message import Message
 
 from asyndgan import codec, wire
-from asyndgan.algorithm import Dropped, GeneratorTrainer, StepOutcome
+from asyndgan.algorithm import Dropped, StepOutcome
 from asyndgan.errors import BUDGET_EXHAUSTED_PREFIX, IncompatibleSites
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.messages import LossTerm, SiteDescription, SiteState, StepAnswer, StepWork, TrainingSettings
 from asyndgan.observer import NullObserver, StepObserver
 from asyndgan.rpc import TlsConfig
@@ -446,7 +447,8 @@ class Orchestrator:
         exchange = StepExchange(links, self.cfg, self.observer, self._count, gen)
         sizes = [link.info.num_samples if link.info else 0 for link in links]
         labels = [link.labels for link in links if link.labels is not None]
-        outcome = gen.step(labels, sizes, exchange)
+        styles = [gen.style_index(link.name) for link in links] if gen.styles else None
+        outcome = gen.step(labels, sizes, exchange, styles)
         for link, result in zip(links, outcome.results, strict=True):
             if isinstance(result, StepAnswer):
                 link.latencies.append(exchange.seconds.get(link.name, 0.0))

@@ -15,9 +15,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from asyndgan import codec
-from asyndgan.algorithm import GeneratorTrainer, StepOutcome, TrainConfig, training_settings
+from asyndgan.algorithm import StepOutcome, TrainConfig, training_settings
 from asyndgan.data import SiteData, load_site
 from asyndgan.errors import FailedPrecondition
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.io import load_checkpoint, remove_stale_temp, save_checkpoint, write_bytes_atomic, write_json_atomic
 from asyndgan.local import evaluate_heldout, sample_rows
 from asyndgan.messages import TrainingState
@@ -63,6 +64,7 @@ class GeneratorConfig:
     max_grad_norm: float = 1e3  # a site gradient with a larger L2 norm is left out of the step
     pipeline: bool = False  # per-site forward/backward overlapping the sites' round trips (GeneratorTrainer.step)
     stale: bool = False  # apply each batch's gradients one step late (GeneratorTrainer.step; changes the algorithm)
+    site_styles: bool = False  # G also takes the site whose scanner it renders (GeneratorTrainer, styles)
     device: str = "cpu"
     eval_samples: int = 64
     min_sites: int = 0  # sites needed to start training (0 = all); later sites join at the next step
@@ -177,6 +179,7 @@ class GeneratorService:
             max_grad_norm=self.cfg.max_grad_norm,
             pipeline=self.cfg.pipeline,
             stale=self.cfg.stale,
+            styles=[link.name for link in self.orch.links] if self.cfg.site_styles else (),
         )
         if state is not None:
             gen.load_state_dict(state)
@@ -216,6 +219,7 @@ class GeneratorService:
             generator_loss=self.generator_loss,
             wire_bytes_sent=sum(lk.wire_sent for lk in links),
             wire_bytes_received=sum(lk.wire_received for lk in links),
+            styles=gen.styles if gen else (),
         )
 
     def checkpoint(self) -> None:

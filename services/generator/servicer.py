@@ -28,13 +28,16 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     def __init__(self, service: GeneratorService) -> None:
         self.service = service
 
-    def _decode(self, request: pb.SynthesizeRequest) -> tuple[torch.Tensor, codec.Codec]:
+    def _decode(self, request: pb.SynthesizeRequest) -> tuple[torch.Tensor, codec.Codec, int | None]:
         svc = self.service  # FAILED_PRECONDITION while there is no model yet
-        return wire.synthesize_request_from_proto(request, svc.height, svc.width, svc.gen.num_classes)
+        labels, out_codec, style = wire.synthesize_request_from_proto(
+            request, svc.height, svc.width, svc.gen.num_classes
+        )
+        return labels, out_codec, svc.gen.style_index(style) if style else None
 
-    def _generate(self, decoded: tuple[torch.Tensor, codec.Codec]) -> tuple[torch.Tensor, codec.Codec]:
-        labels, out_codec = decoded
-        return self.service.gen.synthesize(labels), out_codec  # waits for the training step that holds G, if any
+    def _generate(self, decoded: tuple[torch.Tensor, codec.Codec, int | None]) -> tuple[torch.Tensor, codec.Codec]:
+        labels, out_codec, style = decoded
+        return self.service.gen.synthesize(labels, style), out_codec  # waits for a training step that holds G
 
     def Synthesize(
         self, request_iterator: Iterator[pb.SynthesizeRequest], context: grpc.ServicerContext

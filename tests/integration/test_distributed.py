@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
 from asyndgan import codec
+from asyndgan.clients.generator_client import GeneratorClient
 from asyndgan.data import load_site
 from asyndgan.errors import IncompatibleSites
 from asyndgan.local import LocalRun, train_local
@@ -29,9 +31,9 @@ def params(m: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in m.parameters()])
 
 
-def local_reference(n_sites: int, iterations: int, stale: bool = False) -> torch.nn.Module:
+def local_reference(n_sites: int, iterations: int, stale: bool = False, site_styles: bool = False) -> torch.nn.Module:
     sites = [load_site(site_spec(j, n_sites)) for j in range(n_sites)]
-    run = LocalRun(iterations=iterations, batch_size=BATCH, seed=0, stale=stale)
+    run = LocalRun(iterations=iterations, batch_size=BATCH, seed=0, stale=stale, site_styles=site_styles)
     return train_local(sites, None, NET, TRAIN, run, None).generator.G
 
 
@@ -52,6 +54,34 @@ def test_lossless_distributed_equals_in_process_bit_for_bit(tmp_path: Path, one_
     reference = local_reference(2, K)
     distributed = run_distributed(tmp_path, K, "f32")
     assert torch.equal(params(reference), params(distributed))
+
+
+def test_site_styles_over_grpc_equal_in_process_and_synthesize_renders_a_named_site(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """Each site's batch reaches G with its own style plane (bit for bit the in-process run); Synthesize renders
+    the style a client names, every style in turn without one, and refuses a name G does not render."""
+    reference = local_reference(2, K, site_styles=True)
+    sites = start_sites(2, tmp_path)
+    svc = GeneratorService.start(generator_config(sites, tmp_path, K, "f32", site_styles=True))
+    try:
+        svc.train()
+        assert torch.equal(params(reference), params(svc.gen.G))
+        lab = load_site(site_spec(1, 2)).labels[:3]
+        with GeneratorClient(f"127.0.0.1:{svc.server.port}") as client:
+            assert list(client.status().styles) == ["site-0", "site-1"]
+            for style, index in (("site-1", 1), ("", None)):
+                images, _ = client.synthesize(lab, style=style)
+                want = svc.gen.synthesize(torch.from_numpy(lab), index).numpy()
+                np.testing.assert_allclose(images, want, rtol=0, atol=1e-6)
+            assert not np.allclose(client.synthesize(lab, style="site-0")[0], images)
+            with pytest.raises(grpc.RpcError) as err:
+                client.synthesize(lab, style="site-9")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "unknown style 'site-9': this generator renders site-0, site-1" in (err.value.details() or "")
+    finally:
+        svc.stop(grace=0)
+        stop_sites(sites)
 
 
 def test_bf16_stays_within_tolerance(tmp_path: Path, one_thread: None) -> None:

@@ -349,3 +349,14 @@ def test_client_whose_call_fails_leaves_no_request_thread_busy(generator: Genera
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(batches.threads) <= 1 + REQUESTS_AHEAD  # the rest was never encoded
     wait_until(lambda: not {t.ident for t in threading.enumerate()} - before, "a stream thread was left")
+
+
+def test_a_style_for_a_generator_without_site_styles_is_failed_precondition(
+    generator: GeneratorService, stub: gpb_grpc.GeneratorServiceStub
+) -> None:
+    styled = gpb.SynthesizeRequest(labels=request(labels(0)).labels, style="site-0")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Synthesize(iter([styled]), timeout=WAIT_S))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "trained without site styles" in (err.value.details() or "")
+    assert list(stub.Status(gpb.GeneratorServiceStatusRequest(), timeout=WAIT_S).styles) == []

@@ -9,13 +9,13 @@ import torch
 
 from asyndgan.algorithm import (
     Dropped,
-    GeneratorTrainer,
     LossTerm,
     SiteStepError,
     SiteTrainer,
     TrainConfig,
 )
 from asyndgan.codec import LOSSLESS, Codec, roundtrip
+from asyndgan.generator import GeneratorTrainer
 from asyndgan.io import load_checkpoint, save_checkpoint
 from asyndgan.messages import StepAnswer
 from asyndgan.nets import NetConfig, gan_loss, one_hot

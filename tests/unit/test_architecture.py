@@ -18,6 +18,7 @@ CORE = [
     "asyndgan/certs.py",
     "asyndgan/codec.py",
     "asyndgan/errors.py",
+    "asyndgan/generator.py",
     "asyndgan/guard.py",
     "asyndgan/io.py",
     "asyndgan/local.py",
