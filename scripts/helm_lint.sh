@@ -73,14 +73,15 @@ done
 grep -q 'kind: Service$' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a Service"
 grep -q 'port: 53$' "$OUT/dialout-ip-nodns.yaml" && die "dialout-ip-nodns allows DNS egress"
 grep -q 'helm.sh/hook: test' "$OUT/dialout-nometrics.yaml" && die "dialout-nometrics renders a helm test Pod"
-# A generator for sites across a WAN: 8-bit gradients, the pipelined step and a weight average (its args go through
-# the CLI below).
+# A generator for sites across a WAN: 8-bit gradients, the pipelined step, a weight average and site styles (its
+# args go through the CLI below).
 wan=(-f deploy/k8s/examples/generator.yaml --set generator.gradCodec=q8+zstd --set generator.pipeline=true
-    --set-json generator.ema=0.999)
+    --set-json generator.ema=0.999 --set generator.siteStyles=true)
 "$HELM" lint --strict --quiet "$CHART" "${wan[@]}" >"$OUT/lint-generator-wan.txt" 2>&1 || { cat "$OUT/lint-generator-wan.txt" >&2; die "helm lint generator-wan"; }
 "$HELM" template generator-wan "$CHART" "${wan[@]}" --namespace asyndgan-generator-wan >"$OUT/generator-wan.yaml"
 grep -q -- '- --pipeline$' "$OUT/generator-wan.yaml" || die "generator-wan renders no --pipeline"
 grep -q -- '- --ema=0.999$' "$OUT/generator-wan.yaml" || die "generator-wan renders no --ema"
+grep -q -- '- --site-styles$' "$OUT/generator-wan.yaml" || die "generator-wan renders no --site-styles"
 log "helm lint --strict + helm template: ${#examples[@]} examples, ${#variants[@]} dial-out variants, a WAN generator"
 for v in $KUBE_VERSIONS; do
     "$KV" --strict -k "$v" "$OUT"/*.yaml >"$OUT/kv-$v.txt" 2>&1 || { cat "$OUT/kv-$v.txt" >&2; die "kubernetes-validate $v"; }

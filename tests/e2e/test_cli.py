@@ -82,7 +82,7 @@ def test_multimodal_sites_and_synthesize_complete_a_missing_modality(tmp_path: P
         gen_port = tmp_path / "gen.port"
         gen = subprocess.Popen(
             [*CLI, "generator", *flags, "--iterations", "3", "--checkpoint-dir", str(tmp_path / "g"),
-             "--listen", "127.0.0.1:0", "--port-file", str(gen_port), "--serve", *SMALL],
+             "--listen", "127.0.0.1:0", "--port-file", str(gen_port), "--serve", "--site-styles", *SMALL],
             stderr=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         procs.append(gen)
@@ -92,11 +92,17 @@ def test_multimodal_sites_and_synthesize_complete_a_missing_modality(tmp_path: P
             while (status := client.status()).training or status.step < 3:
                 assert time.monotonic() < deadline and gen.poll() is None
                 time.sleep(0.5)
-        assert list(status.modalities) == ["t1", "t2"]
+        assert list(status.modalities) == ["t1", "t2"] and list(status.styles) == ["h0", "h1"]
         out = tmp_path / "synth"
-        res = run("synthesize", "--generator", f"127.0.0.1:{port}",
-                  "--labels", "embedded:icbm152?site=0&of=2&size=32&modalities=t1", "--out", str(out))  # fmt: skip
+        site0 = "embedded:icbm152?site=0&of=2&size=32&modalities=t1"
+        # site h0's label maps with the t2 it lacks, in the style of h1's scanner (the site that has t2)
+        res = run("synthesize", "--generator", f"127.0.0.1:{port}", "--labels", site0, "--out", str(out),
+                  "--style", "h1")  # fmt: skip
         assert res.returncode == 0, res.stderr[-2000:]
+        bad = run("synthesize", "--generator", f"127.0.0.1:{port}", "--labels", site0, "--out", str(tmp_path / "x"),
+                  "--style", "h9")  # fmt: skip
+        assert bad.returncode != 0 and "unknown style 'h9'" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         with np.load(out / "synthetic.npz") as z:
             assert list(z["modalities"]) == ["t1", "t2"]
             assert z["images"].shape[1:] == (2, 32, 32) and len(z["images"]) == len(z["labels"])

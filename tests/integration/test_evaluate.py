@@ -12,10 +12,11 @@ import torch
 from asyndgan.algorithm import TrainConfig
 from asyndgan.data import load_site
 from asyndgan.experiments import evaluate as ev
-from asyndgan.experiments.datasets import split_contiguous
+from asyndgan.experiments.datasets import load_setting, split_contiguous
 from asyndgan.experiments.generators import train_generator
 from asyndgan.experiments.image_metrics import psnr, ssim
 from asyndgan.experiments.memorisation import nearest_training
+from asyndgan.experiments.settings import Setting, default_settings
 from asyndgan.local import LocalRun, train_local
 from asyndgan.nets import NetConfig
 from tests.conftest import make_site
@@ -86,14 +87,32 @@ def test_custom_specs_with_contiguous_holdout(tmp_path: Path) -> None:
     out = tmp_path / "out"
     shifted = ["--shifted", f"npz:{tmp_path / 'other.npz'}?num_classes=4"]
     argv = ["--quick", "--jobs", "1", "--threads", "1", *specs, *shifted, "--holdout-fraction", "0.2"]
-    assert ev.main([*argv, "--out", str(out)]) == 0
+    assert ev.main([*argv, "--site-styles", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
     entry = report["settings"]["custom"]
+    assert entry["config"]["site_styles"] is True and "site styles" in (out / "eval.md").read_text()
     assert entry["data"]["heldout_slices"] == 8  # 4 per site
     assert entry["data"]["shifted_slices"] == 6
     assert [x["slices"] for x in entry["data"]["sites"]] == [8, 8]  # 20 - 4 held out - 2 x 4 gap
     _check_dice(entry)
     assert 0.0 <= entry["conditions"]["a"]["shifted"]["mean"] <= 1.0
+
+
+def test_heldout_rows_know_the_site_whose_scanner_imaged_them(tmp_path: Path) -> None:
+    """Embedded: held-out spec j is site j's scanner; cut from the sites: each site's block; one held-out spec
+    for several sites: unknown (a G with site styles then renders every style in turn)."""
+    data = load_setting(default_settings(quick=True)["easy"])
+    n = len(data.heldout) // 3
+    assert data.heldout_sites is not None and data.heldout_sites.tolist() == [0] * n + [1] * n + [2] * n
+    paths = []
+    for j in range(2):
+        s = make_site(f"s{j}", n=20, size=32, seed=j)
+        paths.append(tmp_path / f"site{j}.npz")
+        np.savez(paths[-1], labels=s.labels, images=s.images)
+    specs = tuple(f"npz:{p}?num_classes=4" for p in paths)
+    cut = load_setting(Setting("c", "", specs, (), holdout_fraction=0.2))
+    assert cut.heldout_sites is not None and cut.heldout_sites.tolist() == [0] * 4 + [1] * 4
+    assert load_setting(Setting("h", "", specs, specs[:1])).heldout_sites is None
 
 
 def test_split_contiguous_is_a_block_with_gap() -> None:
