@@ -263,10 +263,10 @@ def test_bad_request_mid_stream_aborts_after_the_earlier_replies(
         real = generator.gen.synthesize
         calls = itertools.count()
 
-        def failing(lab: torch.Tensor) -> torch.Tensor:
+        def failing(lab: torch.Tensor, style: int | None = None) -> torch.Tensor:
             if next(calls) == bad:
                 raise FailedPrecondition("no model right now")
-            return real(lab)
+            return real(lab, style)
 
         monkeypatch.setattr(generator.gen, "synthesize", failing)
     got = []
