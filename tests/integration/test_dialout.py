@@ -76,7 +76,10 @@ def test_mixed_federation_trains(tmp_path: Path) -> None:
 def test_generator_waits_for_its_quorum_and_serves_meanwhile(tmp_path: Path) -> None:
     """Started before every site: no exit; health, Status and Synthesize answer; training starts when the
     quorum (--min-sites 1 of 2) is in, and the second site joins at a later step."""
-    starting = Starting(dial_out_config(["site-0", "site-1"], tmp_path, 40, "bf16+zstd", min_sites=1))
+    # enough steps that the late site is in before the end: a site still waiting is probed only every 2 s
+    # (OrchestratorConfig.max_backoff_s), and 40 steps once took 1.4 s here
+    steps = 200
+    starting = Starting(dial_out_config(["site-0", "site-1"], tmp_path, steps, "bf16+zstd", min_sites=1))
     port = starting.port()
     client = GeneratorClient(f"127.0.0.1:{port}", timeout=10)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -103,9 +106,9 @@ def test_generator_waits_for_its_quorum_and_serves_meanwhile(tmp_path: Path) -> 
         assert site_state(svc, "site-1").steps_contributed == 0
         sites += start_dial_out_sites([1], 2, tmp_path, port)
         worker.join(120)
-        assert svc.gen.steps == 40
+        assert svc.gen.steps == steps
         assert site_state(svc, "site-1").steps_contributed >= 1, "the late site joined"
-        assert site_state(svc, "site-0").steps_contributed == 40
+        assert site_state(svc, "site-0").steps_contributed == steps
         svc.stop(grace=0)
     finally:
         client.close()
