@@ -193,8 +193,10 @@ class GeneratorTrainer:
         return [r.grad if isinstance(r, StepAnswer) else None for r in results]
 
     def _forward_all(self, labels: Sequence[torch.Tensor], styles: Sequence[int]) -> torch.Tensor:
-        """G over the sites' batches concatenated, each row in its site's style."""
-        rows = torch.repeat_interleave(torch.tensor(styles), torch.tensor([len(t) for t in labels]))
+        """G over the sites' batches concatenated, each row in its site's style (a G with styles)."""
+        rows = None
+        if self.styles:
+            rows = torch.repeat_interleave(torch.tensor(styles), torch.tensor([len(t) for t in labels]))
         return self.forward(torch.cat(list(labels)), rows)
 
     def _batched(

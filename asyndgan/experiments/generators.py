@@ -81,7 +81,7 @@ def synthesize_all(
     renders row i in style ``styles[i]`` (None: every style in turn)."""
     out = []
     for i in range(0, len(labels), batch):
-        rows = None if styles is None or not gen.styles else torch.from_numpy(styles[i : i + batch])
+        rows = None if styles is None else torch.from_numpy(styles[i : i + batch])
         out.append(gen.synthesize(torch.from_numpy(labels[i : i + batch]), rows)[:, list(channels)])
     return torch.cat(out).clamp(-1, 1).numpy()
 
